@@ -1,0 +1,5 @@
+"""Entry point for `python -m charrnn` (and `torchrun -m charrnn`)."""
+
+from charrnn.cli import main
+
+main()

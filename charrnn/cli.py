@@ -1,0 +1,372 @@
+"""The `charrnn` command line: parse options, call one library function, render the result.
+
+torch is imported inside the commands, so `charrnn --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from charrnn import __version__
+from charrnn.errors import CharRNNError
+
+app = typer.Typer(
+    help="Train character-level recurrent language models, sample from them, and steer them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+checkpoints_app = typer.Typer(help="List, inspect and prune runs and their checkpoints.", no_args_is_help=True)
+app.add_typer(checkpoints_app, name="checkpoints")
+
+HOME = Path("checkpoints")
+
+
+class Cell(str, Enum):
+    lstm = "lstm"
+    gru = "gru"
+    rnn = "rnn"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+def handle_errors(fn):
+    """Turn library errors into one line on stderr and an exit code; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from charrnn import ui
+
+        try:
+            return fn(*args, **kwargs)
+        except CharRNNError as e:
+            ui.error(str(e))
+            raise typer.Exit(e.exit_code)
+        except BrokenPipeError:
+            sys.stderr.close()  # the reader went away (e.g. `| head`): stop quietly
+            raise typer.Exit(0)
+        except KeyboardInterrupt:
+            ui.error("interrupted")
+            raise typer.Exit(130)
+        except MemoryError:
+            ui.error("out of memory; use a smaller --hidden, --batch-size or --seq-len")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        print(f"charrnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+):
+    """Train character-level recurrent language models, sample from them, and steer them."""
+
+
+# ---------------------------------------------------------------- train
+
+
+@app.command()
+@handle_errors
+def train(
+    corpus: Annotated[Optional[list[Path]], typer.Argument(help="Text files (or labeled label<TAB>text TSV), read in order.", show_default=False)] = None,
+    cell: Annotated[Cell, typer.Option(help="Recurrent cell.")] = Cell.lstm,
+    layers: Annotated[Optional[int], typer.Option(min=1, help="Stacked layers \\[default: 2].", show_default=False)] = None,
+    hidden: Annotated[Optional[int], typer.Option(min=1, help="Units per layer \\[default: chosen from the time budget and corpus].", show_default=False)] = None,
+    embed: Annotated[int, typer.Option(min=0, help="Embedding width; 0 = same as --hidden.")] = 0,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout \\[default: 0].", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per backprop-through-time window \\[default: 128].", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32].", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 3e-3].", show_default=False)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Global gradient-norm clip, 0 = off \\[default: 1.0].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed \\[default: 1337].", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Train for this many steps.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Train for this many passes over the corpus.")] = None,
+    time: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget (90s, 5m, 1h): train, evaluate, save, exit 0.")] = None,
+    val_frac: Annotated[Optional[float], typer.Option(help="Last fraction held out for validation \\[default: 0.1].", show_default=False)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help="Steps between evaluations and saves \\[default: about 10 per run].", show_default=False)] = None,
+    keep: Annotated[Optional[int], typer.Option(min=1, help="Newest checkpoints kept besides the best \\[default: 1].", show_default=False)] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Run folder \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder exactly where it stopped.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from this checkpoint's weights.")] = None,
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
+    encoding_errors: Annotated[Optional[str], typer.Option(help="'replace' to train on a file with invalid UTF-8 \\[default: strict].", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+):
+    """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
+    from charrnn import ui
+    from charrnn.config import TrainConfig, parse_duration
+    from charrnn.errors import UsageError
+    from charrnn.train import Trainer
+
+    display = ui.TrainDisplay(quiet=quiet)
+    if resume is not None:
+        if corpus:
+            raise UsageError("--resume continues a run on its own corpus; leave out the CORPUS argument")
+        trainer = Trainer.resume(resume, callback=display, threads=threads,
+                                 device=device.value if device != Device.auto else None)
+    else:
+        if not corpus:
+            raise UsageError("name a corpus file to train on (or --resume RUN_DIR)")
+        given = dict(
+            layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
+            grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
+            keep=keep, threads=threads, encoding_errors=encoding_errors,
+        )
+        cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value,
+                          **{k: v for k, v in given.items() if v is not None})
+        if time is not None:
+            cfg.time_s = parse_duration(time)
+        trainer = Trainer.new(corpus, cfg, run_dir=run, init_from=init_from, home=HOME, callback=display)
+    try:
+        summary = trainer.run()
+    finally:
+        display.close()
+    if summary["reason"] == "interrupted":
+        raise typer.Exit(130 if summary.get("signal") == 2 else 143)
+
+
+# ---------------------------------------------------------------- sample
+
+
+@app.command()
+@handle_errors
+def sample(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run folder \\[default: the latest run's best].", show_default=False)] = None,
+    temp: Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 = greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely characters; 0 = all.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set reaching probability p; 1 = all.")] = 1.0,
+    length: Annotated[int, typer.Option(help="Characters to generate after the prime.")] = 500,
+    prime: Annotated[str, typer.Option(help="Text to start from (included in the output).")] = "",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
+    num: Annotated[int, typer.Option(help="Number of samples.")] = 1,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per sample: {"text": ...}.')] = False,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.cpu,
+    dir: Annotated[Path, typer.Option("--dir", help="Where runs live, when no checkpoint is named.")] = HOME,
+):
+    """Generate text from a checkpoint. Text goes to stdout as it is generated."""
+    from charrnn import ui
+    from charrnn.sample import SampleConfig, clean_prime, generate, validate
+    from charrnn.checkpoint import load_model
+    from charrnn.train import pick_device
+
+    cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num)
+    validate(cfg)
+    model, vocab, _ = load_model(checkpoint, pick_device(device.value), home=dir)
+    kept, unknown = clean_prime(prime, vocab)
+    if unknown:
+        ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
+    cfg.prime = kept
+    stream = num == 1 and not jsonl
+    if stream:
+        from charrnn.sample import default_prime
+
+        sys.stdout.write(kept or default_prime(vocab))
+        sys.stdout.flush()
+
+        def on_chars(chars: list[str]) -> None:
+            sys.stdout.write(chars[0])
+            sys.stdout.flush()
+
+        generate(model, vocab, cfg, on_chars=on_chars)
+        sys.stdout.write("\n")
+        return
+    texts = generate(model, vocab, cfg)
+    for i, t in enumerate(texts):
+        if jsonl:
+            sys.stdout.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(("\n" if i else "") + t + "\n")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@handle_errors
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run folder.")],
+    file: Annotated[Path, typer.Argument(help="Text file to score.")],
+    json_out: Annotated[bool, typer.Option("--json", help='Print {"loss", "bpc", "chars"} as JSON.')] = False,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.cpu,
+):
+    """Loss of a checkpoint on a text file, in nats and bits per character."""
+    import math
+
+    from charrnn import ui
+    from charrnn.checkpoint import load_model
+    from charrnn.data import load_corpus
+    from charrnn.train import evaluate, pick_device
+
+    dev = pick_device(device.value)
+    model, vocab, ck = load_model(checkpoint, dev, home=HOME)
+    data, _ = load_corpus([file], vocab=vocab)
+    loss, chars = evaluate(model, data, device=dev)
+    if json_out:
+        print(json.dumps({"loss": loss, "bpc": loss / math.log(2), "chars": chars}))
+    else:
+        ui.info(f"{ck['path']} on {file}: {chars:,} chars")
+        print(f"loss {loss:.4f} nats/char  bpc {loss / math.log(2):.4f}")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _run_rows(home: Path) -> list[dict]:
+    import time as _time
+
+    from charrnn import checkpoint as ck
+
+    rows = []
+    for run_dir in ck.list_runs(home):
+        infos = ck.list_checkpoints(run_dir)
+        best = ck.best_of(infos)
+        cell, size = "-", "-"
+        meta = {}
+        if infos:
+            try:
+                meta = json.loads(ck.sidecar(infos[-1].path).read_text())
+            except (OSError, ValueError):
+                meta = {}
+        cell = meta.get("cell", "-")
+        size = f"{meta['layers']}x{meta['hidden']}" if "layers" in meta else "-"
+        disk = sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file())
+        updated = max((i.saved_at for i in infos), default=run_dir.stat().st_mtime)
+        rows.append({
+            "run": str(run_dir), "cell": cell, "size": size, "checkpoints": len(infos),
+            "last_step": infos[-1].step if infos else 0, "best": best.val_loss if best else None,
+            "best_path": str(best.path) if best else None, "disk": disk,
+            "updated": _time.strftime("%Y-%m-%d %H:%M", _time.localtime(updated)),
+        })
+    return rows
+
+
+@checkpoints_app.command("list")
+@handle_errors
+def checkpoints_list(
+    dir: Annotated[Path, typer.Option("--dir", help="Folder holding run folders.")] = HOME,
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per run on stdout.")] = False,
+):
+    """The runs under ./checkpoints (or --dir): checkpoints, last step, best validation loss, disk."""
+    from charrnn import ui
+    from charrnn.errors import CheckpointError
+
+    if not dir.is_dir():
+        raise CheckpointError(f"no run folder {dir.resolve()}; train a model first with 'charrnn train CORPUS'")
+    rows = _run_rows(dir)
+    if json_out:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    if not rows:
+        ui.info(f"no runs in {dir.resolve()}")
+        return
+    ui.runs_table(rows)
+
+
+@checkpoints_app.command("show")
+@handle_errors
+def checkpoints_show(
+    path: Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the details as JSON on stdout.")] = False,
+):
+    """Details of a run or checkpoint: model, training settings, progress, vocabulary, files."""
+    import math
+
+    from charrnn import checkpoint as ckm
+    from charrnn import ui
+
+    target = ckm.resolve(path)
+    ck = ckm.load(target)
+    mc, tr = ck["model_config"], ck["train"]
+    st = tr["state"]
+    params = sum(v.numel() for v in ck["model"].values())
+    details = {
+        "checkpoint": str(target), "step": tr["step"], "val_loss": ck.get("val_loss"),
+        "best_val_loss": st.get("best_val_loss"), "best_step": st.get("best_step"),
+        "model": mc, "params": params, "train": tr["config"], "corpus": tr["corpus"],
+        "elapsed_s": st.get("elapsed_s"), "total_steps": st.get("total_steps"), "vocab_size": len(ck["vocab"]),
+        "versions": ck.get("versions"), "sentiment": ck.get("sentiment"),
+    }
+    if json_out:
+        print(json.dumps(details, default=str))
+        return
+    vl = ck.get("val_loss")
+    rows = [
+        ("checkpoint", str(target)),
+        ("model", f"{mc['cell']} {mc['layers']}x{mc['hidden']}, embed {mc['embed'] or mc['hidden']}, "
+                  f"dropout {mc['dropout']}, {params / 1e6:.2f}M params"),
+        ("step", f"{tr['step']} of {st.get('total_steps')}"),
+        ("val loss", "-" if vl is None else f"{vl:.4f} nats/char ({vl / math.log(2):.4f} bpc)"),
+        ("best in run", "-" if st.get("best_val_loss") is None else f"{st['best_val_loss']:.4f} at step {st['best_step']}"),
+        ("trained for", ui.fmt_duration(st.get("elapsed_s"))),
+        ("corpus", ", ".join(tr["corpus"])),
+        ("vocabulary", f"{len(ck['vocab'])} characters"),
+        ("settings", ", ".join(f"{k}={v}" for k, v in tr["config"].items() if v is not None)),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (ck.get("versions") or {}).items())),
+    ]
+    if ck.get("sentiment"):
+        s = ck["sentiment"]
+        rows.append(("sentiment unit", f"unit {s.get('unit')} (polarity {s.get('polarity')})"))
+    ui.kv_table("checkpoint", rows)
+    if path.is_dir():
+        infos = ckm.list_checkpoints(path)
+        best = ckm.best_of(infos)
+        ui.checkpoints_table(str(path), [
+            {"file": i.path.name, "step": i.step, "val_loss": i.val_loss, "size": i.size,
+             "mark": "best" if best and i.path == best.path else ("latest" if i is infos[-1] else "")}
+            for i in infos])
+
+
+@checkpoints_app.command("prune")
+@handle_errors
+def checkpoints_prune(
+    dir: Annotated[Path, typer.Option("--dir", help="Folder holding run folders, or one run folder.")] = HOME,
+    keep: Annotated[int, typer.Option(min=1, help="Newest checkpoints kept per run, besides the best.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
+):
+    """Delete all but the best and the newest --keep checkpoints of every run."""
+    from charrnn import checkpoint as ckm
+    from charrnn import ui
+    from charrnn.errors import CheckpointError
+
+    if not dir.is_dir():
+        raise CheckpointError(f"no folder {dir.resolve()}")
+    runs = [dir] if ckm.is_run_dir(dir) else ckm.list_runs(dir)
+    freed, count = 0, 0
+    for run_dir in runs:
+        removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+        freed += sum(i.size for i in removed)
+        count += len(removed)
+        if not dry_run:
+            ckm.clean_temp_files(run_dir)
+    verb = "would delete" if dry_run else "deleted"
+    ui.info(f"{verb} {count} checkpoint(s) in {len(runs)} run(s), {ui.fmt_size(freed)}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Training configuration and its defaults, including the sizes chosen from the corpus and the time budget.
+
+All defaults live here. A field left as None is "auto": `resolve` fills it from the corpus size
+and the length of the run (see the README's "How the defaults were chosen").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+
+from charrnn.errors import UsageError
+
+DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
+
+
+@dataclass
+class TrainConfig:
+    # model (None: chosen by `resolve`)
+    cell: str = "lstm"  # recurrent cell
+    layers: int | None = None  # stacked recurrent layers
+    hidden: int | None = None  # units per layer
+    embed: int = 0  # embedding width; 0: same as hidden
+    dropout: float | None = None  # dropout between layers and before the head
+    # optimisation
+    seq_len: int = 128  # characters per truncated-BPTT window
+    batch_size: int = 32  # parallel contiguous streams of the corpus
+    lr: float = 3e-3  # peak Adam learning rate
+    min_lr_frac: float = 0.05  # the cosine schedule ends at lr * min_lr_frac
+    warmup_steps: int = 50  # linear warm-up from 0
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
+    seed: int = 1337  # seeds weights, dropout and sampling of the run
+    # length (at most one; none: DEFAULT_TIME_S)
+    steps: int | None = None
+    epochs: float | None = None
+    time_s: float | None = None
+    # validation and checkpoints
+    val_frac: float = 0.1  # the LAST fraction of the corpus is held out
+    eval_every: int | None = None  # steps between evaluations and saves; None: about 10 per run
+    eval_chars: int = 250_000  # characters of validation text scored at each evaluation
+    keep: int = 1  # newest checkpoints kept besides the best
+    # hardware
+    device: str = "auto"
+    threads: int | None = None  # CPU threads; None: PyTorch's default
+    encoding_errors: str = "strict"  # 'strict' or 'replace' for invalid UTF-8 in the corpus
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '1h', '1h30m' or a bare number of seconds -> seconds."""
+    s = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", s):
+        return float(s)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|m|s)", s)
+    if not parts or "".join(n + u for n, u in parts) != s.replace(" ", ""):
+        raise UsageError(f"cannot read the duration {text!r}; write it like 90s, 5m or 1h30m")
+    secs = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if secs <= 0:
+        raise UsageError(f"the duration {text!r} must be longer than zero")
+    return secs
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject values that no run could use, before anything is read or written."""
+    from charrnn.model import CELLS
+
+    if cfg.cell not in CELLS:
+        raise UsageError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+    for name in ("layers", "hidden", "seq_len", "batch_size", "steps", "eval_every", "eval_chars", "threads"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+    if cfg.embed < 0:
+        raise UsageError(f"--embed must be 0 (same as --hidden) or more (got {cfg.embed})")
+    if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
+        raise UsageError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
+    if not cfg.lr > 0:
+        raise UsageError(f"--lr must be above 0 (got {cfg.lr})")
+    if cfg.grad_clip < 0:
+        raise UsageError(f"--grad-clip must be 0 (off) or more (got {cfg.grad_clip})")
+    if not 0.0 < cfg.val_frac < 1.0:
+        raise UsageError(f"--val-frac must be between 0 and 1 (got {cfg.val_frac})")
+    if cfg.epochs is not None and cfg.epochs <= 0:
+        raise UsageError(f"--epochs must be above 0 (got {cfg.epochs})")
+    if sum(x is not None for x in (cfg.steps, cfg.epochs, cfg.time_s)) > 1:
+        raise UsageError("give at most one of --steps, --epochs and --time")
+    if cfg.keep < 1:
+        raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
+    if cfg.encoding_errors not in ("strict", "replace"):
+        raise UsageError("--encoding-errors must be 'strict' or 'replace'")
+
+
+# Width by time budget, measured on a 2-core CPU (see README): the largest model that still
+# sees enough characters in the budget to beat a smaller one.
+SIZE_BY_BUDGET = [  # (budget seconds up to, hidden)
+    (150, 256),
+    (600, 384),
+    (2400, 512),
+    (float("inf"), 768),
+]
+
+
+def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None) -> TrainConfig:
+    """Fill the auto fields from the corpus size and the time budget (when the run has one)."""
+    out = TrainConfig.from_dict(cfg.to_dict())
+    if out.layers is None:
+        out.layers = 2
+    if out.hidden is None:
+        budget = budget_s if budget_s is not None else DEFAULT_TIME_S
+        out.hidden = next(h for limit, h in SIZE_BY_BUDGET if budget <= limit)
+        # a tiny corpus does not need (and overfits) a wide model
+        while out.hidden > 128 and out.hidden * out.hidden * 8 * out.layers > 4 * train_chars:
+            out.hidden //= 2
+    if out.dropout is None:
+        out.dropout = 0.0
+    return out

@@ -1,0 +1,168 @@
+"""Everything the user sees on stderr: the training progress bar, tables, warnings and errors (Rich)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """One line on stderr: what went wrong, where, and what to do."""
+    err.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True) if err.is_terminal else print(
+        f"error: {message}", file=sys.stderr
+    )
+
+
+def warn(message: str) -> None:
+    if err.is_terminal:
+        err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    else:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def info(message: str, quiet: bool = False) -> None:
+    if quiet:
+        return
+    if err.is_terminal:
+        err.print(message, soft_wrap=True)
+    else:
+        print(message, file=sys.stderr)
+
+
+def fmt_duration(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "-"
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fmt_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class TrainDisplay:
+    """The training callback: a progress bar on a terminal, plain evaluation lines otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.live = err.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.task = None
+
+    def _bar(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]step {task.completed:>6.0f}/{task.total:<6.0f}"),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  bpc {task.fields[bpc]:.3f}  val {task.fields[val]}"),
+            TextColumn("{task.fields[cps]:>7,.0f} chars/s  |g| {task.fields[gnorm]:.2f}"),
+            TimeRemainingColumn(),
+            console=err,
+            transient=False,
+        )
+
+    def __call__(self, event: str, d: dict) -> None:
+        getattr(self, f"on_{event}", lambda d: None)(d)
+
+    def on_start(self, d: dict) -> None:
+        c = d["config"]
+        what = "resuming" if d.get("resumed_from") else "training"
+        length = (f"{fmt_duration(d['time_budget_s'])} budget" if d.get("time_budget_s")
+                  else f"{d['total_steps']} steps")
+        info(f"{what} {c['cell']} {c['layers']}x{c['hidden']} ({d['params'] / 1e6:.2f}M params) on "
+             f"{d['train_chars']:,} chars (val {d['val_chars']:,}, vocab {d['vocab_size']}), "
+             f"seq {c['seq_len']} x batch {c['batch_size']}, {length}, {d['device']}", self.quiet)
+        info(f"run folder: {d['run_dir']}", self.quiet)
+        if self.live:
+            self.progress = self._bar()
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=d["total_steps"], completed=d.get("resumed_from") or 0,
+                                               loss=float("nan"), bpc=float("nan"), val="-", cps=0.0, gnorm=0.0)
+
+    def on_step(self, d: dict) -> None:
+        if self.progress is not None:
+            total = d["total_steps"] if d["total_steps"] < 10**8 else None
+            self.progress.update(self.task, completed=d["step"], total=total, loss=d["loss"],
+                                 bpc=d["loss"] / math.log(2), cps=d["recent_chars_per_s"], gnorm=d["grad_norm"])
+
+    def on_eval(self, d: dict) -> None:
+        mark = " (best)" if d["best"] else ""
+        line = (f"step {d['step']:>6}  val loss {d['val_loss']:.4f}  val bpc {d['val_bpc']:.4f}  "
+                f"{d['chars_per_s']:,.0f} chars/s  {fmt_duration(d['elapsed_s'])}{mark}")
+        if self.progress is not None:
+            self.progress.update(self.task, val=f"{d['val_loss']:.3f}")
+            self.progress.console.print(line)
+        else:
+            info(line, self.quiet)
+
+    def on_warn(self, d: dict) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[yellow]warning:[/] {d['message']}")
+        else:
+            warn(d["message"])
+
+    def on_end(self, d: dict) -> None:
+        self.close()
+        if d["reason"] == "interrupted":
+            info(f"stopped by signal at step {d['step']}; saved {d['path']}. "
+                 f"Continue with: charrnn train --resume {d['run_dir']}", False)
+            return
+        best = d.get("best_val_loss")
+        best_txt = f"{best:.4f} nats/char ({best / math.log(2):.4f} bpc) at step {d['best_step']}" if best else "-"
+        info(f"done: {d['step']} steps in {fmt_duration(d['elapsed_s'])}, {d['chars_per_s']:,.0f} chars/s; "
+             f"best val loss {best_txt}", self.quiet)
+        info(f"sample it: charrnn sample {d['run_dir']} --temp 0.8", self.quiet)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def runs_table(rows: list[dict]) -> None:
+    t = Table(title="runs", title_justify="left")
+    for col, just in (("run", "left"), ("cell", "left"), ("size", "left"), ("checkpoints", "right"),
+                      ("last step", "right"), ("best val loss", "right"), ("best bpc", "right"),
+                      ("disk", "right"), ("updated", "left")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        t.add_row(r["run"], r["cell"], r["size"], str(r["checkpoints"]), str(r["last_step"]),
+                  "-" if r["best"] is None else f"{r['best']:.4f}",
+                  "-" if r["best"] is None else f"{r['best'] / math.log(2):.4f}",
+                  fmt_size(r["disk"]), r["updated"])
+    _print_table(t)
+
+
+def checkpoints_table(title: str, rows: list[dict]) -> None:
+    t = Table(title=title, title_justify="left")
+    for col, just in (("file", "left"), ("step", "right"), ("val loss", "right"), ("val bpc", "right"),
+                      ("size", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        t.add_row(r["file"], str(r["step"]), "-" if r["val_loss"] is None else f"{r['val_loss']:.4f}",
+                  "-" if r["val_loss"] is None else f"{r['val_loss'] / math.log(2):.4f}", fmt_size(r["size"]),
+                  r["mark"])
+    _print_table(t)
+
+
+def kv_table(title: str, rows: list[tuple[str, str]]) -> None:
+    t = Table(title=title, title_justify="left", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for k, v in rows:
+        t.add_row(k, v)
+    _print_table(t)
+
+
+def _print_table(t: Table) -> None:
+    """Tables go to stderr, as the CLI contract says; uncoloured and wide when it is not a terminal."""
+    (err if err.is_terminal else Console(stderr=True, width=160, no_color=True)).print(t)
