@@ -1,0 +1,118 @@
+"""Corpus reading, vocabulary, cache and the stream batcher."""
+
+import os
+
+import pytest
+import torch
+
+from charrnn.data import StreamBatcher, Vocab, encode_file, load_corpus, read_labeled, split
+from charrnn.errors import DataError
+
+
+def test_vocab_roundtrip_and_dtype():
+    v = Vocab.from_text_chars("hello world")
+    assert v.chars == " dehlorw"
+    assert v.decode(v.encode("world")) == "world"
+    assert v.dtype == torch.uint8
+    big = Vocab.from_text_chars("".join(chr(0x4E00 + i) for i in range(300)))
+    assert big.dtype == torch.int32
+
+
+def test_encode_file_is_cached_and_memory_mapped(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("abcabc\nxyz é", encoding="utf-8")
+    ids, vocab = encode_file(p)
+    assert vocab.decode(ids.tolist()) == "abcabc\nxyz é"
+    cache = list((tmp_path / ".cache").glob("*.bin"))
+    assert len(cache) == 1
+    mtime = cache[0].stat().st_mtime_ns
+    ids2, _ = encode_file(p)  # served from the cache: the file is not rewritten
+    assert cache[0].stat().st_mtime_ns == mtime and torch.equal(ids, ids2)
+    # a changed file is re-encoded
+    p.write_text("new text", encoding="utf-8")
+    os.utime(p, ns=(mtime + 10**9, mtime + 10**9))
+    ids3, v3 = encode_file(p)
+    assert v3.decode(ids3.tolist()) == "new text"
+
+
+def test_large_file_encoded_in_chunks(tmp_path, monkeypatch):
+    import charrnn.data as data
+
+    monkeypatch.setattr(data, "CHUNK_BYTES", 7)  # forces multi-byte characters to straddle chunks
+    text = "naïve café — ünïcödé ✓ " * 20
+    p = tmp_path / "u.txt"
+    p.write_text(text, encoding="utf-8")
+    ids, vocab = encode_file(p)
+    assert vocab.decode(ids.tolist()) == text
+
+
+def test_several_files_share_one_vocabulary(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("aaa bbb\n")
+    b.write_text("zzz yy\n")
+    ids, vocab = load_corpus([a, b])
+    assert vocab.decode(ids.tolist()) == "aaa bbb\nzzz yy\n"
+    assert set(vocab.chars) == set("ab zy\n")
+
+
+def test_load_with_given_vocab_rejects_unknown_chars(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("abc!")
+    with pytest.raises(DataError, match="vocabulary lacks"):
+        load_corpus([p], vocab=Vocab("abc"))
+
+
+def test_labeled_tsv_is_read_as_text(tmp_path):
+    p = tmp_path / "r.tsv"
+    p.write_text("label\ttext\n1\tgreat film\n0\tawful\npos\tnice\n")
+    lab = read_labeled(p)
+    assert lab.labels == [1, 0, 1] and lab.texts == ["great film", "awful", "nice"]
+    ids, vocab = load_corpus([p])
+    assert vocab.decode(ids.tolist()) == "great film\nawful\nnice\n"
+
+
+@pytest.mark.parametrize("body,msg", [
+    ("label\ttext\n1 no tab here\n", "no tab"),
+    ("label\ttext\nmaybe\tso so\n", "unknown label"),
+])
+def test_bad_tsv_rows_name_the_line(tmp_path, body, msg):
+    p = tmp_path / "bad.tsv"
+    p.write_text(body)
+    with pytest.raises(DataError, match=f":2: .*{msg}"):
+        read_labeled(p)
+
+
+def test_invalid_utf8_reports_offset_and_replace_works(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"hello \xff world")
+    with pytest.raises(DataError, match="offset 6"):
+        encode_file(p)
+    ids, vocab = encode_file(p, errors="replace")
+    assert vocab.decode(ids.tolist()) == "hello \ufffd world"
+
+
+def test_split_holds_out_the_end():
+    data = torch.arange(100)
+    tr, va = split(data, 0.1)
+    assert torch.equal(va, torch.arange(90, 100)) and len(tr) == 90
+
+
+def test_stream_batcher_streams_are_contiguous():
+    data = torch.arange(1000)
+    b = StreamBatcher(data, batch_size=4, seq_len=10)
+    x0, y0, start0 = b.get(0)
+    x1, y1, start1 = b.get(1)
+    assert start0 and not start1
+    assert x0.shape == (4, 10)
+    # targets are inputs shifted by one; batch 1 continues batch 0 in every stream
+    assert torch.equal(y0[:, :-1], x0[:, 1:])
+    assert torch.equal(x1[:, 0], x0[:, -1] + 1)
+    # stream b starts at b * stream_len
+    assert x0[:, 0].tolist() == [0, 250, 500, 750]
+    # after an epoch it starts over
+    assert torch.equal(b.get(b.batches_per_epoch)[0], x0)
+
+
+def test_stream_batcher_rejects_too_short_corpus():
+    with pytest.raises(DataError, match="fewer than one batch"):
+        StreamBatcher(torch.arange(50), batch_size=8, seq_len=16)

@@ -1,0 +1,108 @@
+"""The training loop: loss falls, metrics and checkpoints are written, resume is exact, init-from works."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from charrnn import checkpoint as ckm
+from charrnn.config import TrainConfig
+from charrnn.train import Trainer, lr_at
+
+from conftest import make_text
+
+SMALL = dict(hidden=32, layers=1, seq_len=16, batch_size=8, threads=1)
+
+
+def _train(corpus, run, **kw):
+    cfg = TrainConfig(**{**SMALL, **kw})
+    events = []
+    t = Trainer.new([corpus], cfg, run_dir=run, callback=lambda e, d: events.append((e, d)))
+    return t.run(), events
+
+
+def test_loss_falls_and_run_folder_is_complete(corpus, tmp_path):
+    summary, events = _train(corpus, tmp_path / "run", steps=120, eval_every=40)
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "elapsed_s", "chars_per_s"} <= set(l) for l in lines)
+    evals = [l for l in lines if "val_loss" in l]
+    assert [l["step"] for l in evals] == [40, 80, 120]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(len(set(corpus.read_text())))
+    assert math.isclose(evals[-1]["val_bpc"], evals[-1]["val_loss"] / math.log(2))
+    kinds = {e for e, _ in events}
+    assert {"start", "step", "eval", "save", "end"} <= kinds
+    # best + latest kept, older rotated out
+    infos = ckm.list_checkpoints(tmp_path / "run")
+    assert [i.step for i in infos] == [120]
+    assert summary["best_val_loss"] == evals[-1]["val_loss"]
+
+
+def test_checkpoint_is_self_contained(corpus, tmp_path):
+    _train(corpus, tmp_path / "run", steps=20)
+    path = ckm.resolve(tmp_path / "run")
+    ck = torch.load(path, weights_only=True)
+    for key in ("model", "optimizer", "model_config", "vocab", "rng", "train", "versions", "val_loss"):
+        assert key in ck
+    assert ck["train"]["step"] == 20 and ck["train"]["state"]["total_steps"] == 20
+    assert set(ck["vocab"]) == set(corpus.read_text())
+    model, vocab, _ = ckm.load_model(path)
+    assert model.config.hidden == 32 and vocab.chars == ck["vocab"]
+
+
+def test_resume_is_exact(corpus, tmp_path):
+    """Resuming from a mid-run checkpoint ends with the same weights and loss as the uninterrupted run."""
+    run = tmp_path / "full"
+    _train(corpus, run, steps=60, eval_every=20, keep=10, dropout=0.1, layers=2)
+    # the state after step 20 as a kill right after that save would leave it
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    for i in ckm.list_checkpoints(cut):
+        if i.step > 20:
+            i.path.unlink()
+            ckm.sidecar(i.path).unlink()
+    trainer = Trainer.resume(cut)
+    assert trainer.state.step == 20
+    summary = trainer.run()
+    assert summary["step"] == 60
+    a = torch.load(run / ckm.ckpt_name(60), weights_only=True)
+    b = torch.load(cut / ckm.ckpt_name(60), weights_only=True)
+    assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the resumed run's metrics have no duplicated steps
+    steps = [json.loads(l)["step"] for l in (cut / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    assert steps == [20, 40, 60]
+
+
+def test_init_from_starts_from_weights(corpus, tmp_path):
+    _train(corpus, tmp_path / "base", steps=60)
+    base = ckm.load(ckm.resolve(tmp_path / "base"))
+    ft = tmp_path / "ft.txt"
+    ft.write_text(make_text(8000, seed=5))
+    cfg = TrainConfig(**{**SMALL, "hidden": 999, "steps": 1})  # architecture comes from the checkpoint
+    t = Trainer.new([ft], cfg, run_dir=tmp_path / "ft", init_from=tmp_path / "base")
+    assert t.model.config.hidden == 32
+    assert torch.equal(t.model.state_dict()["head.weight"], base["model"]["head.weight"])
+    t.run()
+    assert ckm.list_checkpoints(tmp_path / "ft")
+
+
+def test_time_budget_stops_on_time(corpus, tmp_path):
+    summary, events = _train(corpus, tmp_path / "run", time_s=3.0)
+    assert 2.5 <= summary["elapsed_s"] < 8
+    start = [d for e, d in events if e == "start"][0]
+    assert start["time_budget_s"] == 3.0
+    # the schedule was fitted to the budget: the last step is near the schedule's end
+    ck = ckm.load(ckm.resolve(tmp_path / "run"))
+    st = ck["train"]["state"]
+    assert st["step"] >= 0.5 * st["total_steps"]
+
+
+def test_schedule_warms_up_and_decays():
+    cfg = TrainConfig(lr=1e-2, warmup_steps=10, min_lr_frac=0.1)
+    assert lr_at(0, 100, cfg) == pytest.approx(1e-3)
+    assert lr_at(9, 100, cfg) == pytest.approx(1e-2)
+    assert lr_at(100, 100, cfg) == pytest.approx(1e-3)
+    assert lr_at(50, 100, cfg) < lr_at(20, 100, cfg)
