@@ -95,6 +95,10 @@ def load(path: Path, device: str | torch.device = "cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         return load(resolve(path), device)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CheckpointError(f"{path} is not a charrnn checkpoint (not a PyTorch zip archive)")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
