@@ -100,10 +100,9 @@ def validate(cfg: TrainConfig) -> None:
 # Width by time budget, measured on a 2-core CPU (see README): the largest model that still
 # sees enough characters in the budget to beat a smaller one.
 SIZE_BY_BUDGET = [  # (budget seconds up to, hidden)
-    (150, 256),
-    (600, 384),
-    (2400, 512),
-    (float("inf"), 768),
+    (900, 256),
+    (3600, 384),
+    (float("inf"), 512),
 ]
 
 
