@@ -5,7 +5,6 @@ torch is imported inside the commands, so `charrnn --help` starts fast.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from enum import Enum
@@ -15,7 +14,8 @@ from typing import Annotated, Optional
 import typer
 
 from charrnn import __version__
-from charrnn.errors import CharRNNError
+from charrnn.cli_corpus import corpus_app
+from charrnn.cli_errors import handle_errors
 
 app = typer.Typer(
     help="Train character-level recurrent language models, sample from them, and steer them.",
@@ -26,6 +26,7 @@ app = typer.Typer(
 )
 checkpoints_app = typer.Typer(help="List, inspect and prune runs and their checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoints_app, name="checkpoints")
+app.add_typer(corpus_app, name="corpus")
 
 HOME = Path("checkpoints")
 
@@ -41,31 +42,6 @@ class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     mps = "mps"
-
-
-def handle_errors(fn):
-    """Turn library errors into one line on stderr and an exit code; never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from charrnn import ui
-
-        try:
-            return fn(*args, **kwargs)
-        except CharRNNError as e:
-            ui.error(str(e))
-            raise typer.Exit(e.exit_code)
-        except BrokenPipeError:
-            sys.stderr.close()  # the reader went away (e.g. `| head`): stop quietly
-            raise typer.Exit(0)
-        except KeyboardInterrupt:
-            ui.error("interrupted")
-            raise typer.Exit(130)
-        except MemoryError:
-            ui.error("out of memory; use a smaller --hidden, --batch-size or --seq-len")
-            raise typer.Exit(1)
-
-    return wrapper
 
 
 def _version(value: bool):
@@ -127,6 +103,9 @@ def train(
     else:
         if not corpus:
             raise UsageError("name a corpus file to train on (or --resume RUN_DIR)")
+        from charrnn.corpora import expand_corpus_args
+
+        corpus = expand_corpus_args(corpus)  # patterns a shell passed unexpanded
         given = dict(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,

@@ -26,3 +26,7 @@ class UsageError(CharRNNError):
 
 class TrainingDiverged(CharRNNError):
     """Training produced non-finite values it could not recover from."""
+
+
+class DownloadError(CharRNNError):
+    """A corpus that could not be fetched or did not match its catalogued checksum."""

@@ -166,3 +166,68 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> None:
 def _print_table(t: Table) -> None:
     """Tables go to stderr, as the CLI contract says; uncoloured and wide when it is not a terminal."""
     (err if err.is_terminal else Console(stderr=True, width=160, no_color=True)).print(t)
+
+
+class DownloadDisplay:
+    """The download callback: a byte progress bar per file on a terminal, one line per file otherwise."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.live = err.is_terminal and not quiet
+        self.progress: Progress | None = None
+        self.tasks: dict[str, object] = {}
+
+    def __call__(self, event: str, d: dict) -> None:
+        getattr(self, f"on_{event}", lambda d: None)(d)
+
+    def on_start(self, d: dict) -> None:
+        info(f"downloading {d['file']} ({fmt_size(d['bytes'])}) from {d['source']}", self.quiet)
+        if self.live:
+            from rich.progress import DownloadColumn, TransferSpeedColumn
+
+            if self.progress is None:
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                                         TransferSpeedColumn(), TimeRemainingColumn(), console=err)
+                self.progress.start()
+            self.tasks[d["name"]] = self.progress.add_task(d["file"], total=d["bytes"])
+
+    def on_progress(self, d: dict) -> None:
+        if self.progress is not None and d["name"] in self.tasks:
+            self.progress.update(self.tasks[d["name"]], completed=d["done"], total=d["total"])
+
+    def on_end(self, d: dict) -> None:
+        if d["status"] == "present":
+            info(f"{d['path']} is already here with the right checksum; nothing to download", self.quiet)
+        else:
+            if d["status"] == "replaced":
+                self.warn_above(f"{d['path']} had another checksum; replaced it with the verified copy")
+            self.print_above(f"saved {d['path']} (SHA-256 verified)")
+
+    def print_above(self, line: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(line)
+        else:
+            info(line, self.quiet)
+
+    def warn_above(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"[yellow]warning:[/] {message}")
+        else:
+            warn(message)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def corpora_table(rows: list[dict]) -> None:
+    """The catalogue: one row per corpus or group, with whether it is downloaded and where it comes from."""
+    t = Table(title="corpora", title_justify="left")
+    for col, just in (("name", "left"), ("format", "left"), ("size", "right"), ("here", "center"),
+                      ("fetch", "left")):
+        t.add_column(col, justify=just, no_wrap=True)
+    t.add_column("description", no_wrap=True, overflow="ellipsis")
+    for r in rows:
+        t.add_row(r["name"], r["format"], fmt_size(r["bytes"]), r["here"], r["fetch"], r["description"])
+    _print_table(t)
