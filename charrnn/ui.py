@@ -186,7 +186,7 @@ class DownloadDisplay:
             from rich.progress import DownloadColumn, TransferSpeedColumn
 
             if self.progress is None:
-                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                                          TransferSpeedColumn(), TimeRemainingColumn(), console=err)
                 self.progress.start()
             self.tasks[d["name"]] = self.progress.add_task(d["file"], total=d["bytes"])
@@ -231,3 +231,21 @@ def corpora_table(rows: list[dict]) -> None:
     for r in rows:
         t.add_row(r["name"], r["format"], fmt_size(r["bytes"]), r["here"], r["fetch"], r["description"])
     _print_table(t)
+
+
+BENCH_FORMAT = {
+    "train": "{shape}: raw loop {raw_chars_per_s:,.0f} chars/s, charrnn {charrnn_chars_per_s:,.0f} chars/s, "
+             "ratio {ratio:.3f}; memory growth over the run {rss_growth_mb:+.1f} MB",
+    "sample": "{model} ({weights_mb:.1f} MB of weights): raw LSTMCell loop {raw_chars_per_s:,.0f} chars/s, charrnn "
+              "{charrnn_chars_per_s:,.0f} chars/s, ratio {ratio:.2f}; --num {num}: {batched_chars_per_s:,.0f} chars/s "
+              "({batched_ratio:.1f}x one stream); first character after {first_char_s:.2f} s",
+    "startup": "{command}: {seconds:.3f} s",
+    "big": "{corpus_mb} MB corpus, {run}: exit {exit_code}, first steps done after {first_step_s} s, "
+           "total {total_s:.1f} s, peak RSS {peak_rss_mb:,.0f} MB",
+    "quality": "train {corpus} --time {budget}: best val loss {best_val_loss:.4f} nats/char "
+               "({best_val_bpc:.4f} bpc) after {steps} steps, {wall_s:.0f} s wall",
+}
+
+
+def bench_row(section: str, row: dict) -> None:
+    info(f"[{section}] " + BENCH_FORMAT[section].format(**row))

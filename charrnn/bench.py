@@ -1,0 +1,308 @@
+"""Benchmarks: charrnn against raw PyTorch loops doing the same math, measured side by side in one run.
+
+Every figure is measured here and every ratio is computed from two figures of the same run.
+Results are reported through `callback(section, row)`; nothing is printed in this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from charrnn.config import TrainConfig
+from charrnn.data import Vocab
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.sample import SampleConfig, generate
+
+Report = Callable[[str, dict], None]
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process in MB (Linux; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+def synthetic_text(n_chars: int, seed: int = 0) -> str:
+    """Text with a 65-character vocabulary, like tiny Shakespeare's (speed does not depend on content)."""
+    g = torch.Generator().manual_seed(seed)
+    alphabet = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    ids = torch.randint(0, len(alphabet), (n_chars,), generator=g)
+    return "".join(alphabet[i] for i in ids.tolist())
+
+
+# ---------------------------------------------------------------- training throughput
+
+
+@dataclass
+class Shape:
+    cell: str
+    layers: int
+    hidden: int
+    seq_len: int = 100
+    batch_size: int = 32
+
+    @property
+    def name(self) -> str:
+        return f"{self.cell} {self.layers}x{self.hidden} seq {self.seq_len} batch {self.batch_size}"
+
+
+class RawModel(nn.Module):
+    """The baseline: embedding, fused recurrent layers, linear head; nothing else."""
+
+    def __init__(self, vocab: int, s: Shape):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, s.hidden)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[s.cell](s.hidden, s.hidden, s.layers, batch_first=True)
+        self.head = nn.Linear(s.hidden, vocab)
+
+    def forward(self, x, h):
+        out, h = self.rnn(self.emb(x), h)
+        return self.head(out), h
+
+
+def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: int = 3) -> tuple[float, list[float]]:
+    """chars/s of a plain PyTorch TBPTT loop (Adam, clipping) and its RSS after each step."""
+    torch.manual_seed(0)
+    m = RawModel(vocab, s)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    n = len(data) // s.batch_size
+    streams = data[: n * s.batch_size].view(s.batch_size, n)
+    h = None
+    rss = []
+    t0 = None
+    for i in range(steps + warmup):
+        if i == warmup:
+            t0 = time.perf_counter()
+        p = (i * s.seq_len) % (n - s.seq_len - 1)
+        chunk = streams[:, p : p + s.seq_len + 1].long()
+        logits, h = m(chunk[:, :-1], h)
+        h = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
+        loss = F.cross_entropy(logits.reshape(-1, vocab), chunk[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        loss.item()
+        rss.append(rss_mb())
+    return steps * s.batch_size * s.seq_len / (time.perf_counter() - t0), rss
+
+
+def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path) -> tuple[float, list[float]]:
+    """chars/s of charrnn's own training loop (the code `charrnn train` runs) at the same shape."""
+    from charrnn.train import Trainer
+
+    rss: list[float] = []
+
+    def cb(event: str, d: dict) -> None:
+        if event == "step":
+            rss.append(rss_mb())
+
+    cfg = TrainConfig(cell=s.cell, layers=s.layers, hidden=s.hidden, seq_len=s.seq_len, batch_size=s.batch_size,
+                      steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device="cpu")
+    trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=cb)
+    summary = trainer.run()
+    return summary["chars_per_s"], rss
+
+
+def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int = 2) -> list[dict]:
+    """Raw loop and charrnn, alternated `rounds` times per shape; medians and their ratio."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "bench.txt"
+        corpus.write_text(synthetic_text(400_000))
+        data = torch.tensor(Vocab.from_text_chars(corpus.read_text()).encode(corpus.read_text()), dtype=torch.uint8)
+        vocab = int(data.max()) + 1
+        for s in shapes:
+            raw, ours, growth = [], [], []
+            for r in range(rounds):
+                cps, _ = raw_train_cps(data, vocab, s, steps)
+                raw.append(cps)
+                cps, rss = charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{r}")
+                ours.append(cps)
+                if len(rss) >= 2:
+                    growth.append(rss[-1] - rss[0])
+            row = {"shape": s.name, "raw_chars_per_s": statistics.median(raw),
+                   "charrnn_chars_per_s": statistics.median(ours),
+                   "rss_growth_mb": max(growth) if growth else 0.0}
+            row["ratio"] = row["charrnn_chars_per_s"] / row["raw_chars_per_s"]
+            report("train", row)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def raw_sample_cps(model: CharRNN, length: int, temperature: float = 0.8) -> float:
+    """A plain loop of stacked nn.LSTMCell steps, softmax and multinomial, one stream."""
+    c = model.config
+    cells = []
+    for layer in range(c.layers):
+        cell = nn.LSTMCell(c.embed_dim if layer == 0 else c.hidden, c.hidden)
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(cell, name).copy_(getattr(model.rnn, f"{name}_l{layer}"))
+        cells.append(cell)
+    emb, head = model.embedding, model.head
+    g = torch.Generator().manual_seed(0)
+    hs = [(torch.zeros(1, c.hidden), torch.zeros(1, c.hidden)) for _ in cells]
+    x = torch.zeros(1, dtype=torch.long)
+    t0 = time.perf_counter()
+    out = []
+    for _ in range(length):
+        inp = emb(x)
+        for i, cell in enumerate(cells):
+            hs[i] = cell(inp, hs[i])
+            inp = hs[i][0]
+        probs = torch.softmax(head(inp) / temperature, dim=-1)
+        x = torch.multinomial(probs, 1, generator=g).view(1)
+        out.append(x.item())
+    return length / (time.perf_counter() - t0)
+
+
+def charrnn_sample_cps(model: CharRNN, vocab: Vocab, length: int, num: int = 1, temperature: float = 0.8) -> float:
+    """Characters per second of charrnn's sampler, all streams counted."""
+    t0 = time.perf_counter()
+    generate(model, vocab, SampleConfig(temperature=temperature, length=length, seed=0, num=num))
+    return num * length / (time.perf_counter() - t0)
+
+
+def first_char_latency(checkpoint: Path) -> float:
+    """Seconds from starting `charrnn sample` to the first generated character on its stdout."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "sample", str(checkpoint), "--length", "200",
+                             "--temp", "0.8"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.read(2)  # the default prime (a newline) and the first generated character
+    latency = time.perf_counter() - t0
+    proc.kill()
+    proc.wait()
+    return latency
+
+
+def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: int) -> dict:
+    from charrnn import checkpoint as ckm
+
+    torch.manual_seed(0)
+    vocab = Vocab.from_text_chars(synthetic_text(5000))
+    model = CharRNN(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=layers, hidden=hidden)).eval()
+    raw = statistics.median(raw_sample_cps(model, length) for _ in range(3))
+    one = statistics.median(charrnn_sample_cps(model, vocab, length) for _ in range(3))
+    many = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step_00000000.pt"
+        ckm.save(path, {"model_config": model.config.to_dict(), "vocab": vocab.chars,
+                        "model": model.state_dict(), "train": {"step": 0, "state": {}, "config": {}, "corpus": []},
+                        "val_loss": None})
+        latency = statistics.median(first_char_latency(path) for _ in range(3))
+    weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+    row = {"model": f"lstm {layers}x{hidden}", "weights_mb": weights_mb, "raw_chars_per_s": raw,
+           "charrnn_chars_per_s": one, "ratio": one / raw, "num": num,
+           "batched_chars_per_s": many, "batched_ratio": many / one, "first_char_s": latency}
+    report("sample", row)
+    return row
+
+
+# ---------------------------------------------------------------- start-up
+
+
+def bench_startup(report: Report, repeats: int = 5) -> dict:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "charrnn", "--help"], stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - t0)
+    row = {"command": "charrnn --help", "seconds": statistics.median(times)}
+    report("startup", row)
+    return row
+
+
+# ---------------------------------------------------------------- big corpora
+
+
+def _run_measured(args: list[str], env: dict, watch: Path) -> dict:
+    """Run a command; seconds until `watch` appears, total seconds, and the child's own peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = None
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if seen is None and watch.exists() and watch.stat().st_size > 0:
+            seen = time.perf_counter() - t0
+        if pid:
+            break
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"exit_code": proc.returncode, "first_step_s": seen, "total_s": time.perf_counter() - t0,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "stderr": proc.stderr.read().decode(errors="replace")[-300:]}
+
+
+def bench_big_corpus(report: Report, megabytes: int, folder: Path) -> list[dict]:
+    """Train 3 steps on a corpus of `megabytes` MB, twice: peak memory, time to the first steps, cache hit."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / f"big-{megabytes}mb.txt"
+    if not corpus.exists() or corpus.stat().st_size != megabytes * 10**6:
+        piece = synthetic_text(10**6, seed=1)
+        with open(corpus, "w") as f:
+            for _ in range(megabytes):
+                f.write(piece)
+    cache = folder / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = dict(os.environ, CHARRNN_CACHE=str(cache))
+    rows = []
+    for attempt in ("first run (encodes)", "second run (cached)"):
+        run = folder / f"run-{len(rows)}"
+        shutil.rmtree(run, ignore_errors=True)
+        res = _run_measured([sys.executable, "-m", "charrnn", "train", str(corpus), "--steps", "3", "--hidden", "256",
+                             "--run", str(run), "-q", "--device", "cpu"], env, run / "metrics.jsonl")
+        row = {"corpus_mb": megabytes, "run": attempt, **res}
+        report("big", row)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- quality in a budget
+
+
+def bench_quality(report: Report, corpus: Path, budget: str, folder: Path) -> dict:
+    """`charrnn train CORPUS --time BUDGET` with no other flags; its best validation loss."""
+    import json as _json
+
+    run = folder / f"quality-{budget}"
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "charrnn", "train", str(corpus), "--time", budget, "--run", str(run), "-q"],
+                   check=True)
+    wall = time.perf_counter() - t0
+    evals = [_json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in l]
+    best = min(e["val_loss"] for e in evals)
+    row = {"corpus": corpus.name, "budget": budget, "wall_s": wall, "best_val_loss": best,
+           "best_val_bpc": best / math.log(2), "steps": evals[-1]["step"], "run": str(run)}
+    report("quality", row)
+    return row
+
+
+def machine_description() -> str:
+    import platform
+
+    return (f"{platform.machine()} {os.cpu_count()} CPU(s), torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, python {platform.python_version()}")

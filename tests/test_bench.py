@@ -1,0 +1,38 @@
+"""The benchmark runs and its ratios are computed from what it measured (timings are not asserted)."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_bench_quick_reports_measured_ratios():
+    r = run_cli("bench", "--sections", "startup,train,sample", "--steps", "3", "--rounds", "1",
+                "--shapes", "lstm1x32,gru1x32", "--sample-hidden", "32", "--sample-length", "40", "--num", "4", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    train = [row for row in rows if row["section"] == "train"]
+    assert [row["shape"].split()[0] for row in train] == ["lstm", "gru"]
+    for row in train:
+        assert row["raw_chars_per_s"] > 0 and row["charrnn_chars_per_s"] > 0
+        assert abs(row["ratio"] - row["charrnn_chars_per_s"] / row["raw_chars_per_s"]) < 1e-9
+    (sample,) = [row for row in rows if row["section"] == "sample"]
+    assert abs(sample["ratio"] - sample["charrnn_chars_per_s"] / sample["raw_chars_per_s"]) < 1e-9
+    assert abs(sample["batched_ratio"] - sample["batched_chars_per_s"] / sample["charrnn_chars_per_s"]) < 1e-9
+    assert 0 < sample["first_char_s"] < 60
+    (startup,) = [row for row in rows if row["section"] == "startup"]
+    assert startup["seconds"] > 0
+    assert "ratio" in r.stderr  # the human-readable lines
+
+
+def test_bench_big_corpus_second_run_uses_cache(tmp_path):
+    r = run_cli("bench", "--sections", "big", "--big-mb", "2", "--workdir", tmp_path / "w", "--json")
+    assert r.exit_code == 0, r.stderr
+    first, second = [json.loads(l) for l in r.stdout.splitlines()]
+    assert first["exit_code"] == 0 and second["exit_code"] == 0
+    assert first["peak_rss_mb"] > 0 and first["first_step_s"] is not None
+    assert len(list((tmp_path / "w" / "cache").glob("*.bin"))) == 1  # encoded once, reused
+
+
+def test_bench_rejects_unknown_section():
+    r = run_cli("bench", "--sections", "everything")
+    assert r.exit_code == 2 and "unknown --sections" in r.stderr
