@@ -174,6 +174,9 @@ def _open(src: str, mirror: str | None):
                             + ("check that the mirror holds the catalogue's file names" if mirror else MIRROR_HINT)) from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", e)
+        if mirror:
+            raise DownloadError(f"cannot reach the mirror {host} ({reason}); check that it is serving and that "
+                                f"--mirror or {MIRROR_ENV} names it, or point them at a folder") from None
         raise DownloadError(f"cannot reach {host} ({reason}); no network? {MIRROR_HINT}") from None
     length = resp.headers.get("Content-Length")
     return resp, int(length) if length and length.isdigit() else None

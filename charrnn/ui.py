@@ -223,13 +223,18 @@ class DownloadDisplay:
 
 def corpora_table(rows: list[dict]) -> None:
     """The catalogue: one row per corpus or group, with whether it is downloaded and where it comes from."""
+    cells = [(r["name"], r["format"], fmt_size(r["bytes"]), r["here"], r["fetch"], r["description"]) for r in rows]
     t = Table(title="corpora", title_justify="left")
-    for col, just in (("name", "left"), ("format", "left"), ("size", "right"), ("here", "center"),
-                      ("fetch", "left")):
-        t.add_column(col, justify=just, no_wrap=True)
-    t.add_column("description", no_wrap=True, overflow="ellipsis")
-    for r in rows:
-        t.add_row(r["name"], r["format"], fmt_size(r["bytes"]), r["here"], r["fetch"], r["description"])
+    used = 4  # the table's outer border and the description's padding and border
+    for i, (col, just) in enumerate((("name", "left"), ("format", "left"), ("size", "right"), ("here", "center"),
+                                     ("fetch", "left"))):
+        width = max([len(col)] + [len(c[i]) for c in cells])  # these keep their width: the description is cut
+        t.add_column(col, justify=just, no_wrap=True, width=width)
+        used += width + 3
+    room = (err.width if err.is_terminal else 160) - used
+    t.add_column("description", no_wrap=True, overflow="ellipsis", width=max(12, min(72, room)))
+    for c in cells:
+        t.add_row(*c)
     _print_table(t)
 
 

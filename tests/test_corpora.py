@@ -204,7 +204,7 @@ def test_unreachable_mirror_gives_one_clear_line(tmp_path):
     assert r.exit_code == 1
     msg = the_error(r)
     assert len(r.stderr.strip().splitlines()) == 1
-    assert msg.startswith("error: cannot reach 127.0.0.1") and "--mirror" in msg and "CHARRNN_MIRROR" in msg
+    assert msg.startswith("error: cannot reach the mirror 127.0.0.1") and "--mirror" in msg and "CHARRNN_MIRROR" in msg
     assert leftovers(tmp_path / "corpora") == []
 
 
