@@ -1,22 +1,45 @@
 """The character-level recurrent language model: embedding, a stack of recurrent layers, a linear head.
 
-Every cell's state is a tuple of tensors of shape (layers, B, H): (h, c) for LSTM-like cells, (h,)
-for GRU and RNN. Callers never look inside it; they pass back what they got.
+Cells. `lstm`, `gru` and `rnn` run on PyTorch's fused kernels (nn.LSTM/GRU/RNN; their parameter
+names, `rnn.weight_ih_l0` etc., are what checkpoints hold). `peephole`, `coupled` and `mlstm` are
+written out below as the lecture's equations, one small `step` per cell, and share one recurrence
+path (`recur`): the input projections of all time steps in one matmul, then only the recurrent
+part step by step. Measured on the 2-core CPU (scripts/bench_cells.py), plain eager PyTorch was the
+fastest way to run that loop: TorchScript gave no gain and torch.compile took ~30 s to compile and
+then ran slower, so there is nothing to compile and nothing to fall back from.
+
+State. Every cell's state is a tuple of tensors of shape (layers, B, H): (h, c) for LSTM-like
+cells (lstm, peephole, coupled, mlstm), (h,) for GRU and RNN. Callers never look inside it; they
+pass back what they got.
+
+Hook. `forward(idx, targets, state, hook=hook)` runs every layer one step at a time (the fused
+cells too, through the same equations on their own weights) and calls
+`hook(layer, t, state) -> state` after each step t of each layer, where `state` is that layer's
+tuple of (B, H) tensors ((h, c) or (h,)). Return it unchanged, or edited (e.g. one unit of the
+top layer's c fixed to a value: `if layer == top: c = c.clone(); c[:, k] = v`); what it returns is
+what the next step sees. Layers run bottom to top, each over the whole sequence. `charrnn
+gradients` uses the hook to reach every hidden state; sampling (`step`) has its own hook in
+sample.py.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 FUSED_CELLS = ("lstm", "gru", "rnn")
-CELLS = FUSED_CELLS
-HAS_CELL_STATE = {"lstm": True, "gru": False, "rnn": False}
+CUSTOM_CELLS = ("peephole", "coupled", "mlstm")
+CELLS = FUSED_CELLS + CUSTOM_CELLS
+HAS_CELL_STATE = {"lstm": True, "gru": False, "rnn": False, "peephole": True, "coupled": True, "mlstm": True}
 
 State = tuple[torch.Tensor, ...]
+LayerState = tuple[torch.Tensor, ...]  # one layer's (h, c) or (h,), each (B, H)
+Hook = Callable[[int, int, LayerState], LayerState]
 
 
 @dataclass
@@ -36,16 +59,157 @@ class ModelConfig:
         return self.embed or self.hidden
 
 
+# ---------------------------------------------------------------- the cells, as equations
+#
+# Each cell: `in_proj(x)` maps inputs (..., E) to their share of every gate, for all steps at
+# once; `step(xp, state)` takes one step's projection (B, G) and the layer's state and returns the
+# new state. sigma is the logistic sigmoid.
+
+
+class CustomCell(nn.Module):
+    """Shared parameters: W_x (gates from x_t, with the bias) and W_h (gates from h_{t-1})."""
+
+    n_gates = 4  # gate blocks of width H in the projections
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__()
+        g = self.n_gates * hidden
+        self.hidden = hidden
+        self.weight_ih = nn.Parameter(torch.empty(g, n_in))  # W_x
+        self.weight_hh = nn.Parameter(torch.empty(g, hidden))  # W_h
+        self.bias = nn.Parameter(torch.empty(g))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden)  # nn.LSTM's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_ih, self.bias)  # (..., G)
+
+
+class PeepholeLSTM(CustomCell):
+    """LSTM with (diagonal) peephole connections: the gates also see the cell state."""
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__(n_in, hidden)
+        self.peep = nn.Parameter(torch.zeros(3, hidden))  # p_i, p_f, p_o
+
+    def step(self, xp: torch.Tensor, state: LayerState) -> LayerState:
+        h, c = state
+        i, f, g, o = (xp + h @ self.weight_hh.t()).chunk(4, 1)
+        p_i, p_f, p_o = self.peep
+        i = torch.sigmoid(i + p_i * c)  # i_t = sigma(W_i [h_{t-1}, x_t] + p_i * C_{t-1} + b_i)
+        f = torch.sigmoid(f + p_f * c)  # f_t = sigma(W_f [h_{t-1}, x_t] + p_f * C_{t-1} + b_f)
+        c = f * c + i * torch.tanh(g)  # C_t = f_t * C_{t-1} + i_t * C~_t
+        o = torch.sigmoid(o + p_o * c)  # o_t = sigma(W_o [h_{t-1}, x_t] + p_o * C_t + b_o)
+        return o * torch.tanh(c), c  # h_t = o_t * tanh(C_t)
+
+
+class CoupledLSTM(CustomCell):
+    """LSTM whose input gate is 1 - forget gate: what is forgotten is what gets written."""
+
+    n_gates = 3
+
+    def step(self, xp: torch.Tensor, state: LayerState) -> LayerState:
+        h, c = state
+        f, g, o = (xp + h @ self.weight_hh.t()).chunk(3, 1)
+        f = torch.sigmoid(f)  # f_t = sigma(W_f [h_{t-1}, x_t] + b_f)
+        c = f * c + (1 - f) * torch.tanh(g)  # C_t = f_t * C_{t-1} + (1 - f_t) * C~_t
+        return torch.sigmoid(o) * torch.tanh(c), c  # h_t = o_t * tanh(C_t)
+
+
+class MultiplicativeLSTM(CustomCell):
+    """mLSTM (Krause et al. 2016; Radford et al. 2017): the gates see m_t = (W_mx x_t) * (W_mh h_{t-1})."""
+
+    def __init__(self, n_in: int, hidden: int):
+        super().__init__(n_in, hidden)
+        self.weight_mx = nn.Parameter(torch.empty(hidden, n_in))  # W_mx
+        self.weight_mh = nn.Parameter(torch.empty(hidden, hidden))  # W_mh
+        self.reset_parameters()  # weight_hh (4H, H) multiplies m_t here, not h_{t-1}
+
+    def in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        # [W_mx x_t | W_x x_t + b] in one matmul; m has no bias, so its share of the bias is 0
+        bias = torch.cat([self.bias.new_zeros(self.hidden), self.bias])
+        return F.linear(x, torch.cat([self.weight_mx, self.weight_ih]), bias)  # (..., 5H)
+
+    def step(self, xp: torch.Tensor, state: LayerState) -> LayerState:
+        h, c = state
+        mx, gx = xp.split([self.hidden, 4 * self.hidden], 1)
+        m = mx * (h @ self.weight_mh.t())  # m_t = (W_mx x_t) * (W_mh h_{t-1})
+        i, f, g, o = (gx + m @ self.weight_hh.t()).chunk(4, 1)  # gates from x_t and m_t
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t * C_{t-1} + i_t * C~_t
+        return torch.sigmoid(o) * torch.tanh(c), c  # h_t = o_t * tanh(C_t)
+
+
+CUSTOM = {"peephole": PeepholeLSTM, "coupled": CoupledLSTM, "mlstm": MultiplicativeLSTM}
+
+
+class FusedLayer:
+    """One layer of an nn.LSTM/GRU/RNN run step by step, with the same math as the fused kernel.
+
+    A plain object (not a Module) so that the fused module's parameter names stay as they are.
+    """
+
+    def __init__(self, rnn: nn.Module, layer: int, cell: str):
+        self.cell = cell
+        self.w_ih = getattr(rnn, f"weight_ih_l{layer}")
+        self.w_hh = getattr(rnn, f"weight_hh_l{layer}")
+        self.b_ih = getattr(rnn, f"bias_ih_l{layer}")
+        self.b_hh = getattr(rnn, f"bias_hh_l{layer}")
+
+    def in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cell == "gru":  # the candidate's recurrent bias sits inside r_t * (...): keep it apart
+            return F.linear(x, self.w_ih, self.b_ih)
+        return F.linear(x, self.w_ih, self.b_ih + self.b_hh)
+
+    def step(self, xp: torch.Tensor, state: LayerState) -> LayerState:
+        h = state[0]
+        if self.cell == "lstm":
+            i, f, g, o = (xp + h @ self.w_hh.t()).chunk(4, 1)
+            c = torch.sigmoid(f) * state[1] + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t C_{t-1} + i_t C~_t
+            return torch.sigmoid(o) * torch.tanh(c), c  # h_t = o_t tanh(C_t)
+        if self.cell == "gru":
+            x_r, x_z, x_n = xp.chunk(3, 1)
+            h_r, h_z, h_n = F.linear(h, self.w_hh, self.b_hh).chunk(3, 1)
+            r = torch.sigmoid(x_r + h_r)  # reset gate
+            z = torch.sigmoid(x_z + h_z)  # update gate
+            n = torch.tanh(x_n + r * h_n)  # candidate
+            return ((1 - z) * n + z * h,)  # h_t = (1 - z_t) n_t + z_t h_{t-1}
+        return (torch.tanh(xp + h @ self.w_hh.t()),)  # h_t = tanh(W_xh x_t + W_hh h_{t-1} + b)
+
+
+def recur(cell, xp: torch.Tensor, state: LayerState, hook: Hook | None = None,
+          layer: int = 0) -> tuple[torch.Tensor, LayerState]:
+    """The one recurrence loop: xp (B, T, G) precomputed input projections -> outputs (B, T, H), final state."""
+    outs = []
+    # unbind once: indexing xp[:, t] in the loop would make backward add T full-size zero tensors
+    for t, xp_t in enumerate(xp.unbind(1)):
+        state = cell.step(xp_t, state)
+        if hook is not None:
+            state = hook(layer, t, state)
+        outs.append(state[0])
+    return torch.stack(outs, 1), state
+
+
+# ---------------------------------------------------------------- the model
+
+
 class CharRNN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
-        rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[c.cell]
-        self.rnn = rnn_cls(
-            c.embed_dim, c.hidden, c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0
-        )
+        if c.cell in CUSTOM:
+            sizes = [c.embed_dim] + [c.hidden] * (c.layers - 1)
+            self.cells = nn.ModuleList(CUSTOM[c.cell](n_in, c.hidden) for n_in in sizes)
+        else:
+            rnn_cls = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[c.cell]
+            self.rnn = rnn_cls(
+                c.embed_dim, c.hidden, c.layers, batch_first=True, dropout=c.dropout if c.layers > 1 else 0.0
+            )
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
@@ -53,26 +217,54 @@ class CharRNN(nn.Module):
     def n_state(self) -> int:
         return 2 if HAS_CELL_STATE[self.config.cell] else 1
 
+    @property
+    def fused(self) -> bool:
+        return self.config.cell in FUSED_CELLS
+
+    def layer_cells(self) -> list:
+        """Each layer as an object with `in_proj(x)` and `step(xp, state)` (see `recur`)."""
+        if self.fused:
+            return [FusedLayer(self.rnn, i, self.config.cell) for i in range(self.config.layers)]
+        return list(self.cells)
+
     def init_state(self, batch_size: int, device=None) -> State:
         c = self.config
         z = torch.zeros(c.layers, batch_size, c.hidden, device=device or self.head.weight.device)
         return tuple(z.clone() for _ in range(self.n_state))
 
-    def _run(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def _run_fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         if self.n_state == 2:
             out, (h, c) = self.rnn(x, (state[0], state[1]))
             return out, (h, c)
         out, h = self.rnn(x, state[0])
         return out, (h,)
 
+    def _run_steps(self, x: torch.Tensor, state: State, hook: Hook | None) -> tuple[torch.Tensor, State]:
+        finals = []
+        for layer, cell in enumerate(self.layer_cells()):
+            if layer > 0:
+                x = self.drop(x)  # between layers, as nn.LSTM's dropout
+            xp = cell.in_proj(x)  # (B, T, G): every step's input projection in one matmul
+            x, last = recur(cell, xp, tuple(s[layer] for s in state), hook, layer)  # (B, T, H)
+            finals.append(last)
+        return x, tuple(torch.stack(parts) for parts in zip(*finals))
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: State | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: State | None = None,
+        hook: Hook | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, State]:
-        """idx (B, T) of character ids -> logits (B, T, V), mean loss in nats if targets, new state."""
+        """idx (B, T) of character ids -> logits (B, T, V), mean loss in nats if targets, new state.
+
+        `hook(layer, t, state) -> state`, if given, runs after every step of every layer (see the
+        module docstring); fused cells then run step by step too.
+        """
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
         x = self.embedding(idx)  # (B, T, E)
-        out, state = self._run(x, state)  # (B, T, H)
+        if self.fused and hook is None:
+            out, state = self._run_fused(x, state)  # (B, T, H)
+        else:
+            out, state = self._run_steps(x, state, hook)  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -91,11 +283,17 @@ class CharRNN(nn.Module):
     def step(self, idx: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
 
-        Uses the single-step cell kernels directly; on CPU a one-step call of the fused
+        Fused cells use the single-step kernels directly; on CPU a one-step call of the fused
         nn.LSTM re-lays its weights every time and is several times slower.
         """
         c = self.config
         x = self.embedding(idx)  # (B, E)
+        if not self.fused:
+            finals = []
+            for layer, cell in enumerate(self.cells):
+                finals.append(cell.step(cell.in_proj(x), tuple(s[layer] for s in state)))
+                x = finals[-1][0]
+            return self.head(x), tuple(torch.stack(parts) for parts in zip(*finals))
         hs, cs = [], []
         for layer in range(c.layers):
             w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
