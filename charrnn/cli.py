@@ -35,6 +35,9 @@ class Cell(str, Enum):
     lstm = "lstm"
     gru = "gru"
     rnn = "rnn"
+    peephole = "peephole"
+    coupled = "coupled"
+    mlstm = "mlstm"
 
 
 class Device(str, Enum):
@@ -206,6 +209,36 @@ def eval_cmd(
     else:
         ui.info(f"{ck['path']} on {file}: {chars:,} chars")
         print(f"loss {loss:.4f} nats/char  bpc {loss / math.log(2):.4f}")
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@app.command()
+@handle_errors
+def gradients(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run folder.")],
+    file: Annotated[Path, typer.Argument(help="Text file to take the stretches of text from.")],
+    k: Annotated[int, typer.Option("--k", min=1, help="Steps back: K in k = 1..K.")] = 50,
+    windows: Annotated[int, typer.Option(min=1, help="Stretches of text averaged over.")] = 16,
+    json_out: Annotated[bool, typer.Option("--json", help='Print {"k": [...], "norms": [[...] per layer], ...} as JSON.')] = False,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.cpu,
+):
+    """Gradient flow through time: |d loss at the last step / d h k steps back|, k = 1..K, per layer."""
+    from charrnn import ui
+    from charrnn.checkpoint import load_model
+    from charrnn.data import load_corpus
+    from charrnn.gradients import gradient_flow
+    from charrnn.train import pick_device
+
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=HOME)
+    data, _ = load_corpus([file], vocab=vocab)
+    result = gradient_flow(model, data, k=k, windows=windows)
+    if json_out:
+        print(json.dumps(result))
+    else:
+        mc = ck["model_config"]
+        ui.gradient_flow_table(f"{ck['path']}: {mc['cell']} {mc['layers']}x{mc['hidden']} on {file}", result)
 
 
 # ---------------------------------------------------------------- checkpoints

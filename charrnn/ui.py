@@ -254,3 +254,36 @@ BENCH_FORMAT = {
 
 def bench_row(section: str, row: dict) -> None:
     info(f"[{section}] " + BENCH_FORMAT[section].format(**row))
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], lo: float, hi: float) -> str:
+    """Blocks on a log scale between lo and hi (positive), one per value."""
+    a, b = math.log10(lo), math.log10(hi)
+    span = max(b - a, 1e-12)
+    out = []
+    for v in values:
+        x = (math.log10(max(v, lo)) - a) / span
+        out.append(SPARK[min(len(SPARK) - 1, max(0, int(x * len(SPARK))))])
+    return "".join(out)
+
+
+def gradient_flow_table(title: str, result: dict) -> None:
+    """`charrnn gradients`: per layer, |d loss_T / d h_{T-k}| at a few k and a log-scale sparkline over all k."""
+    ks, norms = result["k"], result["norms"]
+    marks = [k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= ks[-1]]
+    if ks[-1] not in marks:
+        marks.append(ks[-1])
+    flat = [v for row in norms for v in row if v > 0] or [1.0]
+    lo, hi = min(flat), max(flat)
+    t = Table(title=title, title_justify="left", caption=f"sparkline: k = 1..{ks[-1]}, log scale "
+              f"{lo:.1e} .. {hi:.1e}; mean over {result['windows']} windows", caption_justify="left")
+    t.add_column("layer", justify="right")
+    for k in marks:
+        t.add_column(f"k={k}", justify="right")
+    t.add_column("k=1..K")
+    for layer, row in enumerate(norms):
+        t.add_row(str(layer), *[f"{row[k - 1]:.2e}" for k in marks], sparkline(row, lo, hi))
+    _print_table(t)

@@ -1,0 +1,229 @@
+"""The lecture's cells (peephole, coupled, mLSTM) against their equations, the shared step-by-step path, and `charrnn gradients`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charrnn.model import CELLS, CUSTOM_CELLS, FUSED_CELLS, CharRNN, CoupledLSTM, ModelConfig, MultiplicativeLSTM, PeepholeLSTM
+from conftest import TINY, run_cli
+
+
+def sig(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def set_params(cell, **values) -> None:
+    with torch.no_grad():
+        for name, v in values.items():
+            getattr(cell, name).copy_(torch.tensor(v, dtype=torch.float32))
+
+
+def run_two_steps(cell, xs: list[float], h: float, c: float) -> list[float]:
+    """A 1-unit cell on 1-feature inputs, B = 1, step by step through in_proj and step: [h1, c1, h2, c2]."""
+    state = (torch.tensor([[h]]), torch.tensor([[c]]))
+    out = []
+    for x in xs:
+        state = cell.step(cell.in_proj(torch.tensor([[x]])), state)
+        out += [state[0].item(), state[1].item()]
+    return out
+
+
+# ---------------------------------------------------------------- the equations, by hand
+
+
+def test_peephole_matches_hand_computed_equations():
+    cell = PeepholeLSTM(1, 1)
+    # gate rows i, f, g, o
+    a, u, b = [0.5, -0.3, 0.8, 0.2], [0.4, 0.1, -0.6, 0.7], [0.1, 1.0, 0.0, -0.2]
+    p_i, p_f, p_o = 0.3, -0.5, 0.9
+    set_params(cell, weight_ih=[[v] for v in a], weight_hh=[[v] for v in u], bias=b, peep=[[p_i], [p_f], [p_o]])
+    h, c = 0.2, -0.4
+    expected = []
+    for x in (1.0, -2.0):
+        i = sig(a[0] * x + u[0] * h + b[0] + p_i * c)  # sees C_{t-1}
+        f = sig(a[1] * x + u[1] * h + b[1] + p_f * c)  # sees C_{t-1}
+        g = math.tanh(a[2] * x + u[2] * h + b[2])
+        c = f * c + i * g
+        o = sig(a[3] * x + u[3] * h + b[3] + p_o * c)  # sees C_t
+        h = o * math.tanh(c)
+        expected += [h, c]
+    assert run_two_steps(cell, [1.0, -2.0], 0.2, -0.4) == pytest.approx(expected, abs=1e-6)
+
+
+def test_coupled_matches_hand_computed_equations():
+    cell = CoupledLSTM(1, 1)
+    a, u, b = [0.7, -0.4, 0.3], [-0.2, 0.9, 0.5], [0.5, 0.1, -0.1]  # rows f, g, o
+    set_params(cell, weight_ih=[[v] for v in a], weight_hh=[[v] for v in u], bias=b)
+    h, c = -0.3, 0.6
+    expected = []
+    for x in (0.5, 1.5):
+        f = sig(a[0] * x + u[0] * h + b[0])
+        g = math.tanh(a[1] * x + u[1] * h + b[1])
+        c = f * c + (1 - f) * g  # the input gate is 1 - f
+        h = sig(a[2] * x + u[2] * h + b[2]) * math.tanh(c)
+        expected += [h, c]
+    assert run_two_steps(cell, [0.5, 1.5], -0.3, 0.6) == pytest.approx(expected, abs=1e-6)
+
+
+def test_mlstm_matches_hand_computed_equations():
+    cell = MultiplicativeLSTM(1, 1)
+    a, w, b = [0.3, -0.7, 0.6, 0.4], [0.8, 0.2, -0.5, 1.1], [0.0, 0.5, 0.1, -0.3]  # rows i, f, g, o; w acts on m
+    w_mx, w_mh = 1.5, -0.8
+    set_params(cell, weight_ih=[[v] for v in a], weight_hh=[[v] for v in w], bias=b,
+               weight_mx=[[w_mx]], weight_mh=[[w_mh]])
+    h, c = 0.5, 0.1
+    expected = []
+    for x in (1.0, -0.5):
+        m = (w_mx * x) * (w_mh * h)  # m_t = (W_mx x_t) * (W_mh h_{t-1})
+        i, f, g, o = (a[j] * x + w[j] * m + b[j] for j in range(4))  # gates from x_t and m_t, not h_{t-1}
+        c = sig(f) * c + sig(i) * math.tanh(g)
+        h = sig(o) * math.tanh(c)
+        expected += [h, c]
+    assert run_two_steps(cell, [1.0, -0.5], 0.5, 0.1) == pytest.approx(expected, abs=1e-6)
+
+
+def test_mlstm_product_is_elementwise_over_units():
+    torch.manual_seed(0)
+    cell = MultiplicativeLSTM(3, 2)
+    x, h, c = torch.randn(1, 3), torch.randn(1, 2), torch.randn(1, 2)
+    m = (x @ cell.weight_mx.t()) * (h @ cell.weight_mh.t())  # (1, 2)
+    z = x @ cell.weight_ih.t() + m @ cell.weight_hh.t() + cell.bias
+    i, f, g, o = z.chunk(4, 1)
+    c_ref = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new, c_new = cell.step(cell.in_proj(x), (h, c))
+    torch.testing.assert_close(c_new, c_ref)
+    torch.testing.assert_close(h_new, torch.sigmoid(o) * torch.tanh(c_ref))
+
+
+# ---------------------------------------------------------------- one recurrence path
+
+
+@pytest.mark.parametrize("cell", FUSED_CELLS)
+def test_fused_cells_through_the_step_path_match_pytorch(cell):
+    """With a hook, lstm/gru/rnn run through the shared per-step path: same values and gradients as nn.LSTM/GRU/RNN."""
+    torch.manual_seed(1)
+    m = CharRNN(ModelConfig(vocab_size=7, cell=cell, layers=2, hidden=6, embed=4))
+    idx, y = torch.randint(0, 7, (3, 9)), torch.randint(0, 7, (3, 9))
+    state = tuple(torch.randn_like(s) for s in m.init_state(3))
+    logits_a, loss_a, state_a = m(idx, y, state)
+    grads_a = torch.autograd.grad(loss_a, list(m.parameters()))
+    logits_b, loss_b, state_b = m(idx, y, state, hook=lambda layer, t, s: s)
+    grads_b = torch.autograd.grad(loss_b, list(m.parameters()))
+    torch.testing.assert_close(logits_b, logits_a, atol=1e-6, rtol=1e-5)
+    for a, b in zip(state_a + grads_a, state_b + grads_b):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_cells_keep_their_parameter_names():
+    names = set(CharRNN(ModelConfig(vocab_size=5, cell="lstm", layers=2, hidden=4)).state_dict())
+    assert {"rnn.weight_ih_l0", "rnn.weight_hh_l1", "rnn.bias_ih_l1", "rnn.bias_hh_l0"} <= names
+
+
+def test_lstm_like_cells_carry_h_and_c():
+    for cell in CELLS:
+        state = CharRNN(ModelConfig(vocab_size=6, cell=cell, layers=2, hidden=5)).init_state(3)
+        assert len(state) == (1 if cell in ("gru", "rnn") else 2), cell
+
+
+@pytest.mark.parametrize("cell", ["lstm", "mlstm"])
+def test_hook_fixes_a_unit_of_the_top_layer(cell):
+    torch.manual_seed(3)
+    m = CharRNN(ModelConfig(vocab_size=6, cell=cell, layers=2, hidden=5)).eval()
+    idx = torch.randint(0, 6, (2, 8))
+    seen = []
+
+    def fix(layer, t, state):
+        seen.append((layer, t))
+        if layer != 1:
+            return state
+        c = state[-1].clone()
+        c[:, 3] = 1.0
+        return state[:-1] + (c,)
+
+    logits, _, state = m(idx, hook=fix)
+    assert seen == [(l, t) for l in range(2) for t in range(8)]
+    assert torch.all(state[-1][1, :, 3] == 1.0)
+    assert not torch.allclose(logits, m(idx)[0])
+
+
+# ---------------------------------------------------------------- every cell through the CLI
+
+
+@pytest.mark.parametrize("cell", CUSTOM_CELLS)
+def test_cell_trains_resumes_exactly_samples_and_evaluates(cell, corpus):
+    r = run_cli("train", corpus, "--cell", cell, *TINY, "--steps", "6", "--eval-every", "3", "--keep", "5", "--run", "a")
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(l) for l in open("a/metrics.jsonl")]
+    assert any("grad_norm" in l for l in lines)  # the training loop's gradient norm, before clipping
+    # resume from the step-3 checkpoint of a copy: it must reach the same step-6 weights
+    shutil.copytree("a", "b")
+    for p in ("b/step_00000006.pt", "b/step_00000006.json"):
+        shutil.os.remove(p)
+    r = run_cli("train", "--resume", "b", "-q")
+    assert r.exit_code == 0, r.output
+    a = torch.load("a/step_00000006.pt", weights_only=True)["model"]
+    b = torch.load("b/step_00000006.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and any(k.startswith("cells.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    r = run_cli("sample", "a", "--length", "30", "--seed", "1", "--prime", "The")
+    assert r.exit_code == 0 and r.stdout.startswith("The") and len(r.stdout.strip()) >= 30
+    r = run_cli("eval", "a", corpus, "--json")
+    assert r.exit_code == 0
+    assert json.loads(r.stdout)["loss"] > 0
+
+
+def test_unknown_cell_is_a_usage_error(corpus):
+    r = run_cli("train", corpus, "--cell", "nlstm", *TINY, "--steps", "2")
+    assert r.exit_code == 2
+
+
+# ---------------------------------------------------------------- gradient flow
+
+
+def test_gradient_flow_matches_a_direct_computation():
+    """|d loss_T / d h_{T-k}| from the hook equals the gradient taken by restarting the fused RNN from a leaf state."""
+    from charrnn.gradients import gradient_flow
+
+    torch.manual_seed(4)
+    m = CharRNN(ModelConfig(vocab_size=5, cell="rnn", layers=1, hidden=8))
+    data = torch.randint(0, 5, (40,))
+    k = 6
+    res = gradient_flow(m, data, k=k, windows=1)
+    idx, target = data[: k + 1][None], data[k + 1][None]
+    for j in (1, 3, 6):
+        cut = k - j + 1  # h after inputs 0..k-j
+        with torch.no_grad():
+            _, _, state = m(idx[:, :cut])
+        h = state[0].clone().requires_grad_()
+        logits, _, _ = m(idx[:, cut:], state=(h,))
+        F.cross_entropy(logits[:, -1], target).backward()
+        assert res["norms"][0][j - 1] == pytest.approx(h.grad.norm().item(), rel=1e-4)
+
+
+def test_gradients_command_table_and_json(corpus):
+    assert run_cli("train", corpus, "--cell", "lstm", *TINY, "--layers", "2", "--steps", "2", "--run", "g").exit_code == 0
+    r = run_cli("gradients", "g", corpus, "--k", "12", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["k"] == list(range(1, 13)) and len(out["norms"]) == 2
+    assert all(len(row) == 12 and all(v > 0 for v in row) for row in out["norms"])
+    r = run_cli("gradients", "g", corpus, "--k", "5")
+    assert r.exit_code == 0 and r.stdout == ""
+    assert "k=5" in r.stderr
+
+
+def test_gradients_command_failures(corpus, tmp_path):
+    assert run_cli("train", corpus, "--cell", "rnn", *TINY, "--steps", "2", "--run", "g").exit_code == 0
+    short = tmp_path / "short.txt"
+    short.write_text("The king")
+    r = run_cli("gradients", "g", short, "--k", "50")
+    assert r.exit_code == 2 and "lower --k" in r.stderr
+    r = run_cli("gradients", "nowhere", corpus)
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1
