@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
 import time
-import zipfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,12 +79,16 @@ def save(path: Path, payload: dict) -> int:
     payload["format_version"] = FORMAT_VERSION
     payload["versions"] = {"charrnn": __version__, "torch": str(torch.__version__)}
     payload["saved_at"] = time.time()
+    # Serialise in memory first: torch.save turns a failed write (disk full) into an obscure
+    # RuntimeError, while a plain write raises OSError with the real reason (ENOSPC, EFBIG, EROFS).
+    buf = io.BytesIO()
+    torch.save(payload, buf)
     try:
-        atomic_write(path, lambda f: torch.save(payload, f))
+        atomic_write(path, lambda f: f.write(buf.getbuffer()))
     except OSError as e:
         raise CheckpointError(
-            f"could not write checkpoint {path}: {e.strerror or e}; earlier checkpoints were kept "
-            "(free some disk space or choose another --run folder)"
+            f"could not write checkpoint {path}: {e.strerror or e}; the checkpoints saved before it are kept "
+            "(free some disk space or make the folder writable)"
         ) from None
     return path.stat().st_size
 
@@ -100,7 +105,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> dict:
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive
         raise CheckpointError(f"{path} is not a charrnn checkpoint (not a PyTorch zip archive)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
         if "Weights only load failed" in str(e):
@@ -109,7 +116,9 @@ def load(path: Path, device: str | torch.device = "cpu") -> dict:
                 "which could run code; only load checkpoints written by charrnn"
             ) from None
         raise CheckpointError(f"{path} is not a readable checkpoint ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+    except IsADirectoryError:
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
+    except Exception as e:  # zip, pickle and I/O errors of every kind: truncated, damaged, not a checkpoint
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a charrnn checkpoint, or it is truncated or damaged ({msg[:120]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

@@ -30,6 +30,10 @@ Callback = Callable[[str, dict], None]
 LOG_EVERY = 10  # steps between "step" events and metrics lines
 MAX_BAD_STEPS = 3  # consecutive non-finite steps before rolling back
 MAX_ROLLBACKS = 4  # rollbacks (each halving the learning rate) before giving up
+EXPLODE_FACTOR = 10.0  # a training loss above this many times ln(V) (a uniform guess) has exploded
+# Test-only: "N" puts a NaN into one weight the first time step N is reached; "N+" every time
+# (a run that cannot recover). Lets tests force a real divergence; unset in normal use.
+TEST_NAN_ENV = "CHARRNN_TEST_NAN_AT"
 DEFAULT_MAX_EPOCHS = 50  # cap on a run given no length at all
 
 
@@ -151,8 +155,10 @@ def _check_writable(folder: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
         raise CheckpointError(
-            f"cannot write to {folder}: {e.strerror or e}; choose a writable folder with --run"
+            f"cannot write to {folder}: {why}; move it away or choose a writable folder with --run"
         ) from None
 
 
@@ -172,8 +178,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.carry = model.init_state(cfg.batch_size, device)
         self.extra: dict = {}  # other checkpoint fields carried along (e.g. a sentiment unit)
+        # Extension point: an object with before_step(step, carry) -> carry (called right before the
+        # forward pass) and extra_loss(carry) -> tensor (added to the objective, not to the reported loss).
+        # Used by `train --sentiment-unit` (charrnn.sentiment.Binding); None in plain runs.
+        self.binding = None
         self._stop_signal: int | None = None
         self._good: dict | None = None
+        self._last_saved_step: int | None = None
+        hook = os.environ.get(TEST_NAN_ENV, "")
+        self._nan_at = int(hook.rstrip("+")) if hook.rstrip("+").isdigit() else None
+        self._nan_always = hook.endswith("+")
 
     # ------------------------------------------------------------ construction
 
@@ -236,9 +250,11 @@ class Trainer:
             cfg.eval_every = max(1, min(1000, state.total_steps // 10))
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(home), corpus, cfg)
         _check_writable(run_dir)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, state, device, callback)
         if init is not None and init.get("sentiment"):
             trainer.extra["sentiment"] = init["sentiment"]
+        trainer._attach_binding()
         return trainer
 
     @classmethod
@@ -249,7 +265,10 @@ class Trainer:
             raise CheckpointError(f"cannot resume: no run folder at {run_dir}")
         infos = ckpt_mod.list_checkpoints(run_dir)
         if not infos:
-            raise CheckpointError(f"cannot resume: no checkpoints in {run_dir}")
+            raise CheckpointError(
+                f"cannot resume: no checkpoints in {run_dir} (not a run folder, or the run stopped before its first save); "
+                "start it again with 'charrnn train CORPUS --run " + str(run_dir) + "'"
+            )
         ckpt_mod.clean_temp_files(run_dir)
         ck = None
         for info in reversed(infos):  # the newest readable checkpoint
@@ -286,8 +305,18 @@ class Trainer:
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         if ck.get("sentiment"):
             trainer.extra["sentiment"] = ck["sentiment"]
+        trainer._attach_binding()
         trainer._truncate_metrics(st.step)
+        if ck.get("val_loss") is not None:
+            trainer._last_saved_step = st.step  # already evaluated and saved: the end need not redo it
         return trainer
+
+    def _attach_binding(self) -> None:
+        """Install the sentiment binding when the run asks for it (TrainConfig.sentiment_unit)."""
+        if self.cfg.sentiment_unit:
+            from charrnn.sentiment import Binding
+
+            self.binding = Binding.for_trainer(self)
 
     # ------------------------------------------------------------ checkpoints and metrics
 
@@ -314,18 +343,45 @@ class Trainer:
         }
 
     def save(self, val_loss: float | None) -> Path:
+        """Save this step's checkpoint (atomically), then delete those beyond the best and the --keep newest.
+
+        A checkpoint already on disk for this step is kept as it is, unless it lacks a validation
+        loss that this save has (the same weights, evaluated): files are replaced, never rewritten.
+        """
         path = self.run_dir / ckpt_mod.ckpt_name(self.state.step)
-        size = ckpt_mod.save(path, self.payload(val_loss))
+        if path.exists():
+            try:
+                old = ckpt_mod.info(path)
+                if old.val_loss is not None or val_loss is None:
+                    return path
+            except CheckpointError:
+                pass  # unreadable: replace it
+        try:
+            size = ckpt_mod.save(path, self.payload(val_loss))
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; then continue with 'charrnn train --resume {self.run_dir}'") from None
         mc = self.model.config
-        ckpt_mod.write_sidecar(path, self.state.step, val_loss,
-                               {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden})
-        removed = ckpt_mod.rotate(self.run_dir, self.cfg.keep)
+        try:
+            ckpt_mod.write_sidecar(path, self.state.step, val_loss,
+                                   {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden})
+            removed = ckpt_mod.rotate(self.run_dir, self.cfg.keep)
+        except OSError as e:
+            raise CheckpointError(
+                f"saved {path} but could not update {self.run_dir}: {e.strerror or e}; free some disk space, "
+                f"then continue with 'charrnn train --resume {self.run_dir}'"
+            ) from None
         self.callback("save", {"path": str(path), "size": size, "removed": [str(i.path) for i in removed]})
         return path
 
     def _metrics(self, record: dict) -> None:
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise CheckpointError(
+                f"could not write {self.run_dir / 'metrics.jsonl'}: {e.strerror or e}; the checkpoints "
+                f"saved so far are kept; free some disk space and continue with 'charrnn train --resume {self.run_dir}'"
+            ) from None
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metrics lines past the checkpoint being resumed, which the resumed run will redo."""
@@ -333,13 +389,19 @@ class Trainer:
         if not path.exists():
             return
         kept = []
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
-            except ValueError:
+            except (ValueError, AttributeError):
                 continue  # a line cut short by a kill
-        ckpt_mod.atomic_write_text(path, "".join(l + "\n" for l in kept))
+        try:
+            ckpt_mod.atomic_write_text(path, "".join(l + "\n" for l in kept))
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot resume: {self.run_dir} is not writable ({e.strerror or e}); free some space or make it "
+                "writable, then run the same command again"
+            ) from None
 
     # ------------------------------------------------------------ signals
 
@@ -358,24 +420,38 @@ class Trainer:
         }
 
     def _rollback(self) -> None:
+        """Go back to the last good in-memory state with half the learning rate, or give up (and save it)."""
         st = self.state
-        if self._good is None or st.rollbacks >= MAX_ROLLBACKS:
-            raise TrainingDiverged(
-                f"training diverged at step {st.step} (loss or gradients not finite) and did not recover after "
-                f"{st.rollbacks} rollbacks; the last good checkpoint in {self.run_dir} is kept; "
-                "try a lower --lr or --grad-clip"
-            )
+        bad_step = st.step
         self.model.load_state_dict(self._good["model"])
         self.optimizer.load_state_dict(self._good["optimizer"])
         self.carry = tuple(s.clone() for s in self._good["carry"])
-        bad_step = st.step
         st.step = self._good["step"]
+        if st.rollbacks >= MAX_ROLLBACKS:
+            path = self.save(None)  # the last good state, if it is not on disk already
+            raise TrainingDiverged(
+                f"training diverged at step {bad_step} (loss or gradients not finite or exploding) and did not "
+                f"recover after {st.rollbacks} rollbacks with the learning rate halved each time; the last good "
+                f"state (step {st.step}) is saved in {path}; start again from it with a lower learning rate, e.g. "
+                f"'charrnn train CORPUS --init-from {path} --lr {self.cfg.lr * st.lr_scale / 10:.2g}"
+                + (" --grad-clip 1'" if self.cfg.grad_clip == 0 else "'")
+            )
         st.rollbacks += 1
         st.lr_scale *= 0.5
-        self.callback("warn", {"message": f"non-finite loss or gradient at step {bad_step}: rolled back to step "
-                                          f"{st.step} and halved the learning rate (now x{st.lr_scale:g})"})
+        self.callback("warn", {"message": f"step {bad_step}: {MAX_BAD_STEPS} bad steps in a row; rolled back to "
+                                          f"step {st.step} (the last good state) and halved the learning rate "
+                                          f"(now {self.cfg.lr * st.lr_scale:.3g})"})
 
-    def _train_step(self) -> tuple[float, float]:
+    def _test_poison(self) -> None:
+        """The test-only $CHARRNN_TEST_NAN_AT hook: a NaN in one weight, as a real overflow would leave."""
+        if self._nan_at is not None and self.state.step == self._nan_at:
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+            if not self._nan_always:
+                self._nan_at = None
+
+    def _train_step(self) -> tuple[float, float, str | None]:
+        """One optimiser step. Returns (loss, grad norm, problem); on a problem nothing is updated."""
         cfg, st = self.cfg, self.state
         x, y, epoch_start = self.batcher.get(st.step)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -384,27 +460,37 @@ class Trainer:
         lr = lr_at(st.step, st.total_steps, cfg, st.lr_scale)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        self._test_poison()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            if self.binding is not None:
+                self.carry = self.binding.before_step(st.step, self.carry)
             _, loss, carry = self.model(x, y, self.carry)
+            objective = loss if self.binding is None else loss + self.binding.extra_loss(carry)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(objective).backward()
             self.scaler.unscale_(self.optimizer)
         else:
-            loss.backward()
+            objective.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss_v, norm_v = loss.item(), norm.item()
-        if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-            return loss_v, norm_v  # the caller skips this step
+        if not math.isfinite(loss_v):
+            return loss_v, norm_v, "non-finite loss"
+        if loss_v > EXPLODE_FACTOR * math.log(max(len(self.vocab), 2)):
+            return loss_v, norm_v, f"exploding loss ({loss_v:.3g} nats/char)"
+        if not math.isfinite(norm_v):
+            if self.scaler is None:
+                return loss_v, norm_v, "non-finite gradient"
+            # fp16 overflow: GradScaler skips this update and lowers its scale, as designed
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.carry = self.model.detach_state(carry)
-        return loss_v, norm_v
+        return loss_v, norm_v, None
 
     def _estimate_total(self, t_start: float, step_start: int) -> None:
         """For a time budget: set the schedule's length from the speed measured so far."""
@@ -423,14 +509,26 @@ class Trainer:
         return loss
 
     def run(self) -> dict:
-        cfg, st = self.cfg, self.state
-        self.model.train()
+        """Train to the end of the run (or a signal), evaluating and saving on the way; returns a summary.
+
+        SIGINT and SIGTERM stop the loop at the next step boundary; the run then saves and returns
+        with reason "interrupted". The handlers stay installed until the last save is on disk.
+        """
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
                 pass
+        try:
+            return self._run()
+        finally:
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+
+    def _run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        self.model.train()
         timed = st.time_budget_s is not None and cfg.steps is None and cfg.epochs is None
         self.callback("start", {
             "run_dir": str(self.run_dir), "params": self.model.num_params(), "config": cfg.to_dict(),
@@ -447,57 +545,54 @@ class Trainer:
         chars_per_step = cfg.batch_size * cfg.seq_len
         self._snapshot()
         reason = "done"
-        try:
-            while True:
-                st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
-                if self._stop_signal is not None:
-                    reason = "interrupted"
-                    break
-                if st.step >= st.total_steps or (timed and st.elapsed_s >= st.time_budget_s):
-                    break
-                t0 = time.perf_counter()
-                loss_v, norm_v = self._train_step()
-                st.train_s += time.perf_counter() - t0
-                if not (math.isfinite(loss_v) and math.isfinite(norm_v)):
-                    bad += 1
-                    self.callback("warn", {"message": f"step {st.step}: non-finite {'loss' if not math.isfinite(loss_v) else 'gradient'}, step skipped"})
-                    if bad >= MAX_BAD_STEPS:
-                        self._rollback()
-                        bad = 0
-                    else:
-                        st.step += 1  # skip this batch
-                    continue
-                bad = 0
-                st.step += 1
-                st.chars_seen += chars_per_step
-                if timed and (st.step - step_start in (20, 100) or (cfg.eval_every and st.step % cfg.eval_every == 0)):
-                    self._estimate_total(t_session, step_start)
-                if st.step % LOG_EVERY == 0 or st.step == st.total_steps:
-                    now = time.perf_counter()
-                    rec = {
-                        "step": st.step, "elapsed_s": round(elapsed_base + now - t_session, 3),
-                        "chars_per_s": round(st.chars_seen / max(st.train_s, 1e-9), 1),
-                        "loss": round(loss_v, 5), "lr": lr_at(st.step - 1, st.total_steps, cfg, st.lr_scale),
-                        "grad_norm": round(norm_v, 5),
-                    }
-                    self._metrics(rec)
-                    self.callback("step", {**rec, "total_steps": st.total_steps,
-                                           "recent_chars_per_s": (st.chars_seen - last_log_chars) / max(now - last_log_t, 1e-9),
-                                           "time_budget_s": st.time_budget_s if timed else None})
-                    last_log_t, last_log_chars = now, st.chars_seen
-                if cfg.eval_every and st.step % cfg.eval_every == 0 and st.step < st.total_steps:
-                    last_val = self._eval_and_save(elapsed_base, t_session)
-        finally:
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
+        while True:
+            st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
+            if st.step >= st.total_steps or (timed and st.elapsed_s >= st.time_budget_s):
+                break
+            if self._stop_signal is not None:
+                reason = "interrupted"
+                break
+            t0 = time.perf_counter()
+            loss_v, norm_v, problem = self._train_step()
+            st.train_s += time.perf_counter() - t0
+            if problem is not None:
+                bad += 1
+                self.callback("warn", {"message": f"step {st.step}: {problem}, step skipped"})
+                if bad >= MAX_BAD_STEPS:
+                    self._rollback()
+                    bad = 0
+                else:
+                    st.step += 1  # skip this batch
+                continue
+            bad = 0
+            st.step += 1
+            st.chars_seen += chars_per_step
+            if timed and (st.step - step_start in (20, 100) or (cfg.eval_every and st.step % cfg.eval_every == 0)):
+                self._estimate_total(t_session, step_start)
+            if st.step % LOG_EVERY == 0 or st.step == st.total_steps:
+                now = time.perf_counter()
+                rec = {
+                    "step": st.step, "elapsed_s": round(elapsed_base + now - t_session, 3),
+                    "chars_per_s": round(st.chars_seen / max(st.train_s, 1e-9), 1),
+                    "loss": round(loss_v, 5), "lr": lr_at(st.step - 1, st.total_steps, cfg, st.lr_scale),
+                    "grad_norm": round(norm_v, 5) if math.isfinite(norm_v) else None,
+                }
+                self._metrics(rec)
+                self.callback("step", {**rec, "total_steps": st.total_steps, "grad_norm": rec["grad_norm"] or 0.0,
+                                       "recent_chars_per_s": (st.chars_seen - last_log_chars) / max(now - last_log_t, 1e-9),
+                                       "time_budget_s": st.time_budget_s if timed else None})
+                last_log_t, last_log_chars = now, st.chars_seen
+            if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step >= st.total_steps:
+                # the last evaluation happens in the loop too, so a rollback there trains on
+                last_val = self._eval_and_save(elapsed_base, t_session)
         st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
         if reason == "interrupted":
-            path = self.save(None)
+            path = self.save(None)  # a no-op when this step was just evaluated and saved
             self.callback("end", {"reason": reason, "signal": self._stop_signal, "step": st.step, "path": str(path),
                                   "run_dir": str(self.run_dir), "best_val_loss": st.best_val_loss})
             return {"reason": reason, "signal": self._stop_signal, "step": st.step, "run_dir": self.run_dir,
                     "best_val_loss": st.best_val_loss, "val_loss": None}
-        if st.step != getattr(self, "_last_saved_step", None):
+        if st.step != self._last_saved_step:  # a time budget ran out between evaluations
             last_val = self._eval_and_save(elapsed_base, t_session)
         summary = {
             "reason": reason, "step": st.step, "run_dir": self.run_dir, "val_loss": last_val,
