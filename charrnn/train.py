@@ -197,7 +197,7 @@ class Trainer:
             callback: Callback | None = None) -> "Trainer":
         validate(cfg)
         corpus = [Path(p) for p in corpus]
-        if run_dir is not None and Path(run_dir).exists() and ckpt_mod.list_checkpoints(Path(run_dir)):
+        if run_dir is not None and any(Path(run_dir).glob(ckpt_mod.CKPT_GLOB)):  # readable or not: never replaced
             raise CheckpointError(
                 f"{run_dir} already holds a run; continue it with 'charrnn train --resume {run_dir}' "
                 "or choose another --run folder"

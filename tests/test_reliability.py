@@ -454,6 +454,7 @@ CASES = [  # (id, args, exit code, fragment of stderr)
      "fine-tuning needs the same characters"),
     ("init-from missing", ["train", "corpus.txt", *T, "--init-from", "nothing.pt"], 1, "no checkpoint or run folder at nothing.pt"),
     ("unwritable ./checkpoints", ["train", "corpus.txt", *T], 1, "cannot write to checkpoints"),
+    ("--run over a damaged run", ["train", "corpus.txt", *T, "--run", "damaged"], 1, "damaged already holds a run"),
     ("sample, no checkpoints", ["sample"], 1, "no checkpoints found in"),
     ("sample, missing checkpoint", ["sample", "gone.pt"], 1, "no checkpoint or run folder at gone.pt"),
     ("sample, a folder with no run", ["sample", "adir"], 1, "no checkpoints found in adir"),
@@ -481,6 +482,8 @@ def test_bad_input(args, code, fragment, tmp_path, trained):
     (tmp_path / "adir").mkdir()
     for name, content in BAD.items():
         (tmp_path / name).write_bytes(content)
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / ckm.ckpt_name(10)).write_bytes(b"PK\x03\x04 cut short")
     if "unwritable" in fragment or fragment.startswith("cannot write"):
         (tmp_path / "checkpoints").write_text("a file where the runs folder should be\n")
     args = [str(trained) if a == RUN else a for a in args]
@@ -496,3 +499,4 @@ def test_bad_input(args, code, fragment, tmp_path, trained):
         assert "Invalid value" in r.stderr or "No such option" in r.stderr
     ckpts = tmp_path / "checkpoints"
     assert not ckpts.is_dir() or not any(ckpts.iterdir()), "something was written to ./checkpoints"
+    assert [p.name for p in (tmp_path / "damaged").iterdir()] == [ckm.ckpt_name(10)]
