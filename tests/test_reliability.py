@@ -105,6 +105,7 @@ def digest(path: Path) -> str:
 # ---------------------------------------------------------------- crash safety
 
 
+@pytest.mark.slow
 def test_sigkill_sigint_sigterm_lose_nothing_and_resume_exactly(tmp_path):
     """Real training processes killed at random moments (and in the middle of saves), then interrupted
     with SIGINT and SIGTERM; the resumed run ends exactly where an uninterrupted one does."""
