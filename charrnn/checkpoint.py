@@ -236,8 +236,11 @@ def rotate(run_dir: Path, keep: int, dry_run: bool = False) -> list[CkptInfo]:
 
 
 def clean_temp_files(run_dir: Path) -> None:
-    """Remove temporary files left by a save that was killed midway."""
-    for p in Path(run_dir).glob(".*.tmp*"):
+    """Remove temporary files left by a save that was killed midway, and sidecars whose checkpoint is gone."""
+    run_dir = Path(run_dir)
+    leftovers = list(run_dir.glob(".*.tmp*"))
+    leftovers += [p for p in run_dir.glob("step_*.json") if not p.with_suffix(".pt").exists()]
+    for p in leftovers:
         try:
             p.unlink()
         except OSError:

@@ -185,9 +185,10 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk after the fact
     ckm.sidecar(newest).unlink()
     (run / ".step_00000032.pt.tmp999").write_bytes(b"half a save")
+    (run / "step_00000004.json").write_text("{}")  # a killed rotation deleted the checkpoint, not its sidecar
     r = cli("train", "--resume", run, "-q")
     assert r.exit_code == 0, r.output
-    assert not temp_files(run)
+    assert not temp_files(run) and not (run / "step_00000004.json").exists()
     assert ckm.load(run / ckm.ckpt_name(24))["train"]["step"] == 24  # redone from step 16
 
 
