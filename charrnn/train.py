@@ -23,6 +23,7 @@ import torch
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import DEFAULT_TIME_S, TrainConfig, resolve, validate
 from charrnn.data import StreamBatcher, Vocab, load_corpus, split
+from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, TrainingDiverged, UsageError
 from charrnn.model import CharRNN, ModelConfig
 
@@ -85,7 +86,7 @@ def lr_at(step: int, total: int, cfg: TrainConfig, scale: float = 1.0) -> float:
 
 @torch.no_grad()
 def evaluate(model: CharRNN, data: torch.Tensor, max_chars: int | None = None, seq_len: int = 256,
-             streams: int = 64, device: torch.device | None = None) -> tuple[float, int]:
+             streams: int = 64, device: torch.device | None = None, dist: Dist | None = None) -> tuple[float, int]:
     """Mean loss (nats/char) over `data`, read as contiguous streams with the state carried along.
 
     Returns (loss, characters scored). Switches the model to eval mode and restores its mode.
@@ -99,11 +100,13 @@ def evaluate(model: CharRNN, data: torch.Tensor, max_chars: int | None = None, s
     streams = max(1, min(streams, n // (seq_len + 1)))
     stream_len = n // streams
     rows = data[: streams * stream_len].view(streams, stream_len)  # (S, L); a short tail is not scored
+    if dist is not None and dist.enabled:
+        rows = rows[dist.rank :: dist.world]  # each process scores its share of the streams
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        state = model.init_state(streams, device)
+        state = model.init_state(rows.shape[0], device)
         for p in range(0, stream_len - 1, seq_len):
             chunk = rows[:, p : p + seq_len + 1].long().to(device)
             x, y = chunk[:, :-1], chunk[:, 1:]
@@ -114,6 +117,9 @@ def evaluate(model: CharRNN, data: torch.Tensor, max_chars: int | None = None, s
             count += y.numel()
     finally:
         model.train(was_training)
+    if dist is not None and dist.enabled:
+        total, count = dist.sum([total, float(count)])
+        count = int(count)
     return total / max(count, 1), count
 
 
@@ -162,6 +168,19 @@ def _check_writable(folder: Path) -> None:
         ) from None
 
 
+def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
+    """The device, and the process group when started by torchrun (one process per device or core)."""
+    device = pick_device(cfg.device)
+    dist = Dist.from_env()
+    if dist.enabled:
+        dist.check_batch(cfg.batch_size)
+        if cfg.sentiment_unit:
+            raise UsageError("--sentiment-unit runs in one process; start it without torchrun")
+        dist.setup(device.type)
+        device = dist.device(device)
+    return device, dist
+
+
 class Trainer:
     """One training run. Build it with `Trainer.new`, `Trainer.resume`; then call `run()`."""
 
@@ -171,12 +190,20 @@ class Trainer:
         self.cfg, self.model, self.vocab = cfg, model, vocab
         self.train_data, self.val_data = train_data, val_data
         self.run_dir, self.corpus, self.state, self.device = run_dir, corpus, state, device
-        self.callback = callback or _noop
+        self.dist = Dist.from_env()
+        self.callback = (callback or _noop) if self.dist.main else _noop
         self.batcher = StreamBatcher(train_data, cfg.batch_size, cfg.seq_len)
+        self.rows = self.dist.shard(cfg.batch_size)  # this process's streams
+        self.local_batch = self.rows.stop - self.rows.start
+        self.net = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.amp_dtype = autocast_dtype(device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.carry = model.init_state(cfg.batch_size, device)
+        self.carry = model.init_state(self.local_batch, device)
         self.extra: dict = {}  # other checkpoint fields carried along (e.g. a sentiment unit)
         # Extension point: an object with before_step(step, carry) -> carry (called right before the
         # forward pass) and extra_loss(carry) -> tensor (added to the objective, not to the reported loss).
@@ -230,7 +257,7 @@ class Trainer:
             cfg.cell, cfg.layers, cfg.hidden, cfg.embed = mc["cell"], mc["layers"], mc["hidden"], mc["embed"]
             if cfg.dropout != mc["dropout"] and cfg.dropout is None:
                 cfg.dropout = mc["dropout"]
-        device = pick_device(cfg.device)
+        device, dist = _setup_distributed(cfg)
         torch.manual_seed(cfg.seed)
         model = CharRNN(ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)).to(device)
         if init is not None:
@@ -249,8 +276,10 @@ class Trainer:
         if cfg.eval_every is None and state.time_budget_s is None:
             cfg.eval_every = max(1, min(1000, state.total_steps // 10))
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(home), corpus, cfg)
-        _check_writable(run_dir)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
+        run_dir = broadcast_object(dist, run_dir)  # every process writes (through rank 0) to one folder
+        if dist.main:
+            _check_writable(run_dir)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, state, device, callback)
         if init is not None and init.get("sentiment"):
             trainer.extra["sentiment"] = init["sentiment"]
@@ -293,20 +322,22 @@ class Trainer:
         vocab = Vocab(ck["vocab"])
         data, _ = load_corpus(corpus, vocab=vocab, errors=cfg.encoding_errors)
         train_data, val_data = split(data, cfg.val_frac)
-        dev = pick_device(cfg.device)
+        dev, dist = _setup_distributed(cfg)
         model = CharRNN(ModelConfig(**ck["model_config"])).to(dev)
         model.load_state_dict(ck["model"])
         st = RunState(**ck["train"]["state"])
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, st, dev, callback)
         trainer.optimizer.load_state_dict(ck["optimizer"])
-        trainer.carry = tuple(s.to(dev) for s in ck["train"]["carry"])
+        # the carried state of all B streams; this process takes its rows (the process count may differ)
+        trainer.carry = tuple(s[:, trainer.rows].contiguous().to(dev) for s in ck["train"]["carry"])
         torch.set_rng_state(ck["rng"]["torch"])
         if dev.type == "cuda" and ck["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         if ck.get("sentiment"):
             trainer.extra["sentiment"] = ck["sentiment"]
         trainer._attach_binding()
-        trainer._truncate_metrics(st.step)
+        if dist.main:
+            trainer._truncate_metrics(st.step)
         if ck.get("val_loss") is not None:
             trainer._last_saved_step = st.step  # already evaluated and saved: the end need not redo it
         return trainer
@@ -337,7 +368,7 @@ class Trainer:
                 "corpus": [str(p.resolve()) for p in self.corpus],
                 "state": state,
                 "step": self.state.step,
-                "carry": tuple(s.detach().cpu() for s in self.carry),
+                "carry": tuple(s.detach().cpu() for s in self._full_carry),
             },
             **self.extra,
         }
@@ -349,6 +380,9 @@ class Trainer:
         loss that this save has (the same weights, evaluated): files are replaced, never rewritten.
         """
         path = self.run_dir / ckpt_mod.ckpt_name(self.state.step)
+        self._full_carry = self.dist.gather_rows(self.carry)  # collective: every process takes part
+        if not self.dist.main:
+            return path
         if path.exists():
             try:
                 old = ckpt_mod.info(path)
@@ -374,6 +408,8 @@ class Trainer:
         return path
 
     def _metrics(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         try:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -454,9 +490,10 @@ class Trainer:
         """One optimiser step. Returns (loss, grad norm, problem); on a problem nothing is updated."""
         cfg, st = self.cfg, self.state
         x, y, epoch_start = self.batcher.get(st.step)
+        x, y = x[self.rows], y[self.rows]  # (b, T): this process's streams
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if epoch_start:
-            self.carry = self.model.init_state(cfg.batch_size, self.device)
+            self.carry = self.model.init_state(self.local_batch, self.device)
         lr = lr_at(st.step, st.total_steps, cfg, st.lr_scale)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -464,7 +501,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             if self.binding is not None:
                 self.carry = self.binding.before_step(st.step, self.carry)
-            _, loss, carry = self.model(x, y, self.carry)
+            _, loss, carry = self.net(x, y, self.carry)
             objective = loss if self.binding is None else loss + self.binding.extra_loss(carry)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
@@ -476,6 +513,8 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         loss_v, norm_v = loss.item(), norm.item()
+        if self.dist.enabled:  # every process must take the same decision: judge the mean loss
+            loss_v = self.dist.sum([loss_v])[0] / self.dist.world
         if not math.isfinite(loss_v):
             return loss_v, norm_v, "non-finite loss"
         if loss_v > EXPLODE_FACTOR * math.log(max(len(self.vocab), 2)):
@@ -503,9 +542,12 @@ class Trainer:
         st.total_steps = max(st.step + 1, st.step + int(left * done / spent))
         if self.cfg.eval_every is None:
             self.cfg.eval_every = max(10, (st.total_steps - st.step) // 10)
+        if self.dist.enabled:  # rank 0's estimate, on every process
+            total, every = self.dist.broadcast([float(st.total_steps), float(self.cfg.eval_every)])
+            st.total_steps, self.cfg.eval_every = int(total), int(every)
 
     def _evaluate(self) -> float:
-        loss, _ = evaluate(self.model, self.val_data, self.cfg.eval_chars, device=self.device)
+        loss, _ = evaluate(self.model, self.val_data, self.cfg.eval_chars, device=self.device, dist=self.dist)
         return loss
 
     def run(self) -> dict:
@@ -525,6 +567,7 @@ class Trainer:
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
+            self.dist.close()
 
     def _run(self) -> dict:
         cfg, st = self.cfg, self.state
@@ -547,9 +590,15 @@ class Trainer:
         reason = "done"
         while True:
             st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
-            if st.step >= st.total_steps or (timed and st.elapsed_s >= st.time_budget_s):
+            out_of_time = timed and st.elapsed_s >= st.time_budget_s
+            stop = self._stop_signal is not None
+            if self.dist.enabled:  # all processes stop together
+                out_of_time, stop = (bool(v) for v in self.dist.max([float(out_of_time), float(stop)]))
+                if stop and self._stop_signal is None:
+                    self._stop_signal = signal.SIGTERM
+            if st.step >= st.total_steps or out_of_time:
                 break
-            if self._stop_signal is not None:
+            if stop:
                 reason = "interrupted"
                 break
             t0 = time.perf_counter()
