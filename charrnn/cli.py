@@ -16,6 +16,7 @@ import typer
 from charrnn import __version__
 from charrnn.cli_corpus import corpus_app
 from charrnn.cli_errors import handle_errors
+from charrnn.cli_neuron import neuron_app
 
 app = typer.Typer(
     help="Train character-level recurrent language models, sample from them, and steer them.",
@@ -27,6 +28,7 @@ app = typer.Typer(
 checkpoints_app = typer.Typer(help="List, inspect and prune runs and their checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(neuron_app, name="neuron")
 
 HOME = Path("checkpoints")
 
@@ -38,6 +40,16 @@ class Cell(str, Enum):
     peephole = "peephole"
     coupled = "coupled"
     mlstm = "mlstm"
+
+
+class Sentiment(str, Enum):
+    positive = "positive"
+    negative = "negative"
+
+
+class StateKind(str, Enum):
+    c = "c"
+    h = "h"
 
 
 class Device(str, Enum):
@@ -89,6 +101,7 @@ def train(
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
     encoding_errors: Annotated[Optional[str], typer.Option(help="'replace' to train on a file with invalid UTF-8 \\[default: strict].", show_default=False)] = None,
+    sentiment_unit: Annotated[bool, typer.Option("--sentiment-unit", help="Bind unit 0 of the top layer to the labels of a labeled TSV corpus, for sample --sentiment.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ):
     """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
@@ -114,7 +127,7 @@ def train(
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
             keep=keep, threads=threads, encoding_errors=encoding_errors,
         )
-        cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value,
+        cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value, sentiment_unit=sentiment_unit,
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
             cfg.time_s = parse_duration(time)
@@ -144,6 +157,10 @@ def sample(
     jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per sample: {"text": ...}.')] = False,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.cpu,
     dir: Annotated[Path, typer.Option("--dir", help="Where runs live, when no checkpoint is named.")] = HOME,
+    sentiment: Annotated[Optional[Sentiment], typer.Option(help="Fix the checkpoint's sentiment unit at its positive or negative value, every step.", show_default=False)] = None,
+    neuron: Annotated[Optional[int], typer.Option(min=0, help="Fix this top-layer unit (with --value).", show_default=False)] = None,
+    value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
+    state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
     from charrnn import ui
@@ -153,7 +170,11 @@ def sample(
 
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num)
     validate(cfg)
-    model, vocab, _ = load_model(checkpoint, pick_device(device.value), home=dir)
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir)
+    from charrnn.sentiment import steering_hook
+
+    hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
+                            state.value if state else None)
     kept, unknown = clean_prime(prime, vocab)
     if unknown:
         ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
@@ -169,10 +190,10 @@ def sample(
             sys.stdout.write(chars[0])
             sys.stdout.flush()
 
-        generate(model, vocab, cfg, on_chars=on_chars)
+        generate(model, vocab, cfg, on_chars=on_chars, hook=hook)
         sys.stdout.write("\n")
         return
-    texts = generate(model, vocab, cfg)
+    texts = generate(model, vocab, cfg, hook=hook)
     for i, t in enumerate(texts):
         if jsonl:
             sys.stdout.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")

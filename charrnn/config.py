@@ -43,6 +43,11 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # CPU threads; None: PyTorch's default
     encoding_errors: str = "strict"  # 'strict' or 'replace' for invalid UTF-8 in the corpus
+    # sentiment binding (train --sentiment-unit; see charrnn/sentiment.py Binding)
+    sentiment_unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
+    sentiment_weight: float = 1.0  # weight of the unit's logistic loss beside the language-model loss
+    sentiment_clamp_frac: float = 0.25  # share of streams whose unit is set to the label at a chunk start
+    sentiment_clamp: float = 2.0  # the cell-state value set there (+ positive, - negative; h gets tanh of it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -93,6 +98,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("give at most one of --steps, --epochs and --time")
     if cfg.keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
+    if cfg.sentiment_weight < 0 or not 0.0 <= cfg.sentiment_clamp_frac <= 1.0 or cfg.sentiment_clamp <= 0:
+        raise UsageError("sentiment binding needs weight >= 0, clamp fraction in [0, 1] and clamp value > 0")
     if cfg.encoding_errors not in ("strict", "replace"):
         raise UsageError("--encoding-errors must be 'strict' or 'replace'")
 

@@ -287,3 +287,35 @@ def gradient_flow_table(title: str, result: dict) -> None:
     for layer, row in enumerate(norms):
         t.add_row(str(layer), *[f"{row[k - 1]:.2e}" for k in marks], sparkline(row, lo, hi))
     _print_table(t)
+
+
+def neuron_find_table(res, checkpoint: str, fitted_on: str, tested_on: str, n_fit: int, saved: str | None,
+                      seconds: float) -> None:
+    """`charrnn neuron find`: the chosen unit, its accuracy alone and the all-unit model's, and the top units."""
+    t = Table(title=f"sentiment unit of {checkpoint}", title_justify="left", show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    t.add_row("unit", f"{res.unit} (layer {res.layer}, state {res.state}), polarity {res.polarity:+d}, "
+                      f"rank {res.rank} by |weight|")
+    t.add_row("single-unit accuracy", f"{res.single_unit_accuracy:.1%} on {res.test_examples} test examples "
+                                      f"(validation {res.val_single_unit_accuracy:.1%})")
+    t.add_row("all-units accuracy", f"{res.all_units_accuracy:.1%} (validation {res.val_all_units_accuracy:.1%}; "
+                                    f"L1 strength {res.lam:.2e}, {res.nonzero} non-zero weights)")
+    t.add_row("clamp values", f"positive {res.clamp['positive']:+.3f}, negative {res.clamp['negative']:+.3f}")
+    t.add_row("top units", ", ".join(f"{u}" + (f"@{l}" if l != res.layer else "") + f" ({w:+.2f})"
+                                     for l, u, w in res.top_units))
+    t.add_row("data", f"fitted on {n_fit} examples of {fitted_on}; tested on {tested_on}; {fmt_duration(seconds)}")
+    t.add_row("stored", saved or "not stored (--no-save)")
+    _print_table(t)
+
+
+def unit_text(text: str, colors: list[tuple[int, int, int]], legend: str) -> None:
+    """`charrnn neuron show`: each character on its colour (plain text when stderr is not a terminal)."""
+    from rich.text import Text
+
+    out = Text()
+    for ch, (r, g, b) in zip(text, colors):
+        out.append(ch, style=f"black on rgb({r},{g},{b})" if ch != "\n" else None)
+    console = err if err.is_terminal else Console(stderr=True, width=160, no_color=True)
+    console.print(out, soft_wrap=True)
+    info(legend)

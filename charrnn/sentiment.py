@@ -1,0 +1,527 @@
+"""The sentiment unit: find it (final states + L1 logistic regression), record it, fix it, and bind it in training.
+
+Finding follows Radford et al. 2017: the final state of each labeled text is a feature vector, an
+L1-regularised logistic regression (FISTA on standardised features, strength chosen on a
+validation split) ranks units by |weight|, and the best unit is then fitted alone. Binding ties
+unit `BOUND_UNIT` of the top layer to the labels of a labeled corpus while the language model
+trains (see `Binding`). No printing here: the CLI renders what these functions return.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from charrnn.data import Vocab, read_labeled
+from charrnn.errors import CheckpointError, DataError, UsageError
+
+BOUND_UNIT = 0  # the top-layer unit that `train --sentiment-unit` binds
+CLAMP_QUANTILE = 0.9  # clamp values: this quantile of the unit on its side's texts (0.1 on the other side)
+LOGIT_SCALE = 4.0  # binding loss: logit = LOGIT_SCALE * h_unit, so h = +-1 means about 98% sure
+N_LAMBDAS = 12  # regularisation strengths swept, log-spaced below the one that zeroes every weight
+TOP_CANDIDATES = 8  # units (largest |weight|) each fitted alone; the best on validation is chosen
+OBSERVED_KEEP = 4096  # recent chunk-end values per class that a binding keeps for its clamp values
+
+
+# ---------------------------------------------------------------- labeled examples
+
+
+@dataclass
+class Examples:
+    """Labeled texts ready for a model: unknown characters removed (and reported), empty texts dropped."""
+
+    texts: list[str]
+    labels: torch.Tensor  # (N,) float 0/1
+    unknown: str = ""  # characters the model never saw, removed from the texts
+    dropped: int = 0  # texts left empty once those were removed
+
+
+def load_examples(path: Path, vocab: Vocab, need_both: bool = True) -> Examples:
+    """A labeled TSV, checked: both classes present; characters unknown to `vocab` removed."""
+    lab = read_labeled(Path(path))
+    known = set(vocab.chars)
+    unknown: dict[str, None] = {}
+    texts, labels, dropped = [], [], 0
+    for t, y in zip(lab.texts, lab.labels):
+        kept = "".join(c for c in t if c in known)
+        if len(kept) != len(t):
+            unknown.update(dict.fromkeys(c for c in t if c not in known))
+        if not kept:
+            dropped += 1
+            continue
+        texts.append(kept)
+        labels.append(y)
+    if need_both and len(set(labels)) < 2:
+        only = "positive" if labels and labels[0] == 1 else "negative"
+        raise DataError(f"{path}: every example is {only}; neuron find needs both positive and negative examples")
+    return Examples(texts, torch.tensor(labels, dtype=torch.float32), "".join(unknown), dropped)
+
+
+# ---------------------------------------------------------------- states
+
+
+def state_names(model) -> tuple[str, ...]:
+    """Names of the state tuple's parts: ('h', 'c') for LSTM-like cells, ('h',) for GRU and RNN."""
+    return ("h", "c") if len(model.init_state(1)) == 2 else ("h",)
+
+
+def default_state(model) -> str:
+    return "c" if "c" in state_names(model) else "h"
+
+
+def _ids(text: str, vocab: Vocab) -> list[int]:
+    stoi = vocab.stoi
+    lead = [stoi["\n"]] if "\n" in stoi else []  # a text starts after a newline, as reviews do in training
+    return lead + [stoi[c] for c in text]
+
+
+@torch.no_grad()
+def final_states(model, vocab: Vocab, texts: list[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """The state after each text's last character: {'h': (N, layers, H), 'c': ...}.
+
+    Texts are sorted by length and run in batches through the fused forward, one segment per
+    distinct length: rows that end are gathered and dropped, the rest carry on from their state.
+    """
+    model.eval()
+    device = model.head.weight.device
+    names = state_names(model)
+    ids = [_ids(t, vocab) for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    probe = model.init_state(1, device)
+    out = {n: torch.empty(len(ids), probe[0].shape[0], probe[0].shape[2]) for n in names}
+    for b0 in range(0, len(order), batch_size):
+        rows = order[b0 : b0 + batch_size]
+        lens = [len(ids[i]) for i in rows]
+        x = torch.zeros(len(rows), lens[-1], dtype=torch.long)
+        for r, i in enumerate(rows):
+            x[r, : lens[r]] = torch.tensor(ids[i])
+        x = x.to(device)
+        state = model.init_state(len(rows), device)
+        pos, first = 0, 0  # characters consumed; first row still running
+        while first < len(rows):
+            end = lens[first]
+            if end > pos:
+                _, _, state = model(x[first:, pos:end], state=state)
+                pos = end
+            stop = first
+            while stop < len(rows) and lens[stop] == end:
+                stop += 1
+            done = torch.tensor(rows[first:stop])
+            for n, s in zip(names, state):
+                out[n][done] = s[:, : stop - first].transpose(0, 1).float().cpu()
+            state = tuple(s[:, stop - first :].contiguous() for s in state)
+            first = stop
+    return out
+
+
+@torch.no_grad()
+def unit_trace(model, vocab: Vocab, text: str, unit: int, layer: int = -1, state: str = "c") -> list[float]:
+    """The unit's value after each character of `text` (unknown characters must be removed first)."""
+    model.eval()
+    names = state_names(model)
+    if state not in names:
+        raise UsageError(f"this {model.config.cell} model has no '{state}' state; use --state {names[0]}")
+    si = names.index(state)
+    device = model.head.weight.device
+    ids = _ids(text, vocab)
+    lead = len(ids) - len(text)
+    st = model.init_state(1, device)
+    values = []
+    for i in ids:
+        _, st = model.step(torch.tensor([i], device=device), st)
+        values.append(float(st[si][layer, 0, unit]))
+    return values[lead:]
+
+
+# ---------------------------------------------------------------- L1 logistic regression
+
+
+def _soft(w: torch.Tensor, t: float) -> torch.Tensor:
+    return torch.sign(w) * torch.clamp(w.abs() - t, min=0.0)
+
+
+def fit_l1(X: torch.Tensor, y: torch.Tensor, lam: float, init=None, iters: int = 400):
+    """min mean BCE(Xw + b, y) + lam * |w|_1 by FISTA (proximal gradient with momentum); returns (w, b)."""
+    n, d = X.shape
+    lip = float(torch.linalg.matrix_norm(X, 2)) ** 2 / (4 * n) + 1e-8  # Lipschitz constant of the gradient
+    step = 1.0 / lip
+    w, b = (init if init is not None else (torch.zeros(d, dtype=X.dtype), torch.zeros((), dtype=X.dtype)))
+    zw, zb, t = w.clone(), b.clone(), 1.0
+    for _ in range(iters):
+        r = torch.sigmoid(X @ zw + zb) - y  # (N,)
+        w_new = _soft(zw - step * (X.T @ r) / n, step * lam)
+        b_new = zb - step * r.mean()
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        zw = w_new + (t - 1) / t_new * (w_new - w)
+        zb = b_new + (t - 1) / t_new * (b_new - b)
+        w, b, t = w_new, b_new, t_new
+    return w, b
+
+
+def accuracy(X: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b) -> float:
+    return float(((X @ w + b > 0).to(y.dtype) == y).float().mean())
+
+
+def fit_single(x: torch.Tensor, y: torch.Tensor, iters: int = 300) -> tuple[float, float]:
+    """Logistic regression on one standardised feature (Newton steps, tiny L2 for separable data): (w, b)."""
+    w, b = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    x, y = x.double(), y.double()
+    for _ in range(50):
+        p = torch.sigmoid(w * x + b)
+        g = torch.stack([((p - y) * x).mean() + 1e-4 * w, (p - y).mean()])
+        s = p * (1 - p)
+        hess = torch.tensor([[float((s * x * x).mean()) + 1e-4, float((s * x).mean())],
+                             [float((s * x).mean()), float(s.mean()) + 1e-9]], dtype=torch.float64)
+        delta = torch.linalg.solve(hess, g)
+        w, b = w - delta[0], b - delta[1]
+        if float(delta.abs().max()) < 1e-8:
+            break
+    return float(w), float(b)
+
+
+@dataclass
+class FindResult:
+    unit: int  # index within its layer
+    layer: int  # layer index (0-based); the top layer unless all layers were searched
+    state: str  # 'c' or 'h'
+    polarity: int  # +1: higher values mean positive
+    single_unit_accuracy: float  # on the test set
+    all_units_accuracy: float  # the L1 model over every unit, on the test set
+    val_single_unit_accuracy: float
+    val_all_units_accuracy: float
+    lam: float  # chosen regularisation strength
+    nonzero: int  # units with a non-zero weight at that strength
+    rank: int  # the unit's place by |weight| (1 = largest)
+    test_examples: int
+    clamp: dict  # {'positive': v, 'negative': v}
+    top_units: list = field(default_factory=list)  # [(layer, unit, weight)] largest |weight| first
+    sweep: list = field(default_factory=list)  # [(lam, nonzero, val accuracy)]
+
+    def record(self, source: str, **extra) -> dict:
+        """The checkpoint's "sentiment" entry."""
+        return {"unit": self.unit, "layer": self.layer, "state": self.state, "polarity": self.polarity,
+                "clamp": dict(self.clamp), "source": source, "single_unit_accuracy": self.single_unit_accuracy,
+                "all_units_accuracy": self.all_units_accuracy, "test_examples": self.test_examples, **extra}
+
+
+def clamp_values(values: torch.Tensor, labels: torch.Tensor, polarity: int, q: float = CLAMP_QUANTILE) -> dict:
+    """Clamp values from the unit's observed range: the q-quantile in the positive direction on positive
+    texts, and the same in the negative direction on negative texts."""
+    pos, neg = values[labels == 1].float(), values[labels == 0].float()
+    hi, lo = q, 1.0 - q
+    return {"positive": float(torch.quantile(pos, hi if polarity > 0 else lo)),
+            "negative": float(torch.quantile(neg, lo if polarity > 0 else hi))}
+
+
+def _features(states: dict, state: str, layers: list[int]) -> torch.Tensor:
+    s = states[state][:, layers, :]  # (N, L, H)
+    return s.reshape(s.shape[0], -1)
+
+
+def find_unit(train: dict, y_train: torch.Tensor, val: dict, y_val: torch.Tensor, test: dict, y_test: torch.Tensor,
+              state: str, layers: list[int], neuron: int | None = None) -> FindResult:
+    """Rank units with an L1 logistic regression and fit the best alone. Each dict holds final_states output.
+
+    `neuron` (a unit of the last layer in `layers`) skips the choice and scores that unit.
+    """
+    Xtr, Xva, Xte = (_features(s, state, layers).double() for s in (train, val, test))
+    mu, sd = Xtr.mean(0), Xtr.std(0).clamp_min(1e-6)
+    Ztr, Zva, Zte = ((X - mu) / sd for X in (Xtr, Xva, Xte))
+    ytr, yva, yte = y_train.double(), y_val.double(), y_test.double()
+    lam_max = float((Ztr.T @ (ytr - ytr.mean())).abs().max()) / len(ytr)
+    lams = [lam_max * 10 ** (-3.0 * i / (N_LAMBDAS - 1)) for i in range(N_LAMBDAS)]
+    best, init, sweep = None, None, []
+    for lam in lams:  # strongest first, each warm-started from the last
+        w, b = fit_l1(Ztr, ytr, lam, init)
+        init = (w, b)
+        acc = accuracy(Zva, yva, w, b)
+        nz = int((w != 0).sum())
+        sweep.append((lam, nz, acc))
+        if nz and (best is None or acc > best[0] + 1e-12):
+            best = (acc, lam, w.clone(), b.clone())
+    if best is None:
+        raise DataError("the labels could not be predicted from any unit (every weight stayed zero); "
+                        "use more labeled examples or a better-trained model")
+    val_all, lam, w, b = best
+    test_all = accuracy(Zte, yte, w, b)
+    H = train[state].shape[2]
+    order = torch.argsort(w.abs(), descending=True)
+    top = [(layers[int(j) // H], int(j) % H, float(w[j])) for j in order[:TOP_CANDIDATES] if w[j] != 0]
+    if neuron is not None:
+        if not 0 <= neuron < H:
+            raise UsageError(f"--neuron {neuron} is out of range; this model has {H} units per layer")
+        cands = [(len(layers) - 1) * H + neuron]
+    else:
+        cands = [int(j) for j in order[:TOP_CANDIDATES] if w[j] != 0]
+    chosen = None
+    for j in cands:  # each candidate fitted alone; the best on the validation split wins
+        w1, b1 = fit_single(Ztr[:, j], ytr)
+        acc = float((((w1 * Zva[:, j] + b1) > 0).double() == yva).double().mean())
+        if chosen is None or acc > chosen[0]:
+            chosen = (acc, j, w1, b1)
+    val_single, j, w1, b1 = chosen
+    test_single = float((((w1 * Zte[:, j] + b1) > 0).double() == yte).double().mean())
+    polarity = 1 if w1 >= 0 else -1
+    rank = int((w.abs() > w[j].abs()).sum()) + 1
+    return FindResult(
+        unit=j % H, layer=layers[j // H], state=state, polarity=polarity, single_unit_accuracy=test_single,
+        all_units_accuracy=test_all, val_single_unit_accuracy=val_single, val_all_units_accuracy=val_all, lam=lam,
+        nonzero=int((w != 0).sum()), rank=rank, test_examples=len(yte),
+        clamp=clamp_values(Xtr[:, j], y_train, polarity), top_units=top, sweep=sweep,
+    )
+
+
+def split_examples(n: int, fracs: tuple[float, ...], seed: int = 0) -> list[torch.Tensor]:
+    """Shuffle indices 0..n-1 (seeded) and cut them into consecutive parts of the given fractions (the rest last)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    out, start = [], 0
+    for f in fracs:
+        k = max(1, int(round(n * f)))
+        out.append(perm[start : start + k])
+        start += k
+    out.append(perm[start:])
+    return out
+
+
+def take(states: dict, idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in states.items()}
+
+
+# ---------------------------------------------------------------- records and the clamp hook
+
+
+def get_record(ck: dict) -> dict:
+    """The checkpoint's sentiment unit, or a CheckpointError that says how to get one."""
+    rec = ck.get("sentiment")
+    if not rec or "unit" not in rec:
+        raise CheckpointError(
+            f"{ck.get('path', 'this checkpoint')} has no sentiment unit; find one with "
+            "'charrnn neuron find CHECKPOINT LABELED.tsv' or train with 'charrnn train REVIEWS.tsv --sentiment-unit'"
+        )
+    return rec
+
+
+def clamp_hook(unit: int, value: float, state_index: int, layer: int = -1):
+    """hook(state) -> state that fixes one unit of one state part (h or c) of one layer, every step."""
+
+    def hook(state):
+        parts = list(state)
+        s = parts[state_index].clone()
+        s[layer, :, unit] = value
+        parts[state_index] = s
+        return tuple(parts)
+
+    return hook
+
+
+def hook_for(model, unit: int, value: float, state: str, layer: int = -1):
+    names = state_names(model)
+    if state not in names:
+        raise UsageError(f"this {model.config.cell} model has no '{state}' state; use --state {names[0]}")
+    hidden, layers = model.config.hidden, model.config.layers
+    if not 0 <= unit < hidden:
+        raise UsageError(f"--neuron {unit} is out of range; this model has {hidden} units per layer")
+    if not -layers <= layer < layers:
+        raise UsageError(f"layer {layer} is out of range; this model has {layers} layers")
+    return clamp_hook(unit, value, names.index(state), layer)
+
+
+# ---------------------------------------------------------------- binding during training
+
+
+def char_labels(paths, total: int) -> torch.Tensor:
+    """One label per character of the training text (-1 outside labeled files), in load_corpus order."""
+    from charrnn.data import is_labeled, iter_text
+
+    parts = []
+    for p in paths:
+        p = Path(p)
+        if is_labeled(p):
+            lab = read_labeled(p)
+            lens = torch.tensor([len(t) + 1 for t in lab.texts])  # each text and its newline
+            parts.append(torch.repeat_interleave(torch.tensor(lab.labels, dtype=torch.int8), lens))
+        else:
+            n = sum(len(piece) for piece in iter_text(p))
+            parts.append(torch.full((n,), -1, dtype=torch.int8))
+    labels = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int8)
+    if len(labels) != total:
+        raise DataError(f"the labels cover {len(labels)} characters but the corpus has {total}; "
+                        "the corpus files changed while reading them")
+    if not (labels >= 0).any():
+        raise UsageError("--sentiment-unit needs a labeled corpus: a TSV whose first line is 'label<TAB>text'")
+    return labels
+
+
+class Binding:
+    """Ties unit BOUND_UNIT of the top layer to the labels while the language model trains.
+
+    The Trainer calls `before_step(step, carry)` right before the forward pass and adds
+    `extra_loss()` to the language-model loss. Two parts:
+    - supervision: a logistic loss on the unit's top-layer output h at every labeled character
+      (logit = LOGIT_SCALE * h), so the unit reads sentiment from text;
+    - teacher forcing: on a seeded random fraction of streams (a pure function of the step, so
+      resume stays exact), the carried state's unit (c and h) is set to the label's value at the
+      chunk start, so the rest of the network learns that the unit's value predicts the words.
+    It records the unit's observed values at chunk ends of free streams, per class, for the clamp
+    values stored in the checkpoint ("sentiment" entry, updated in `trainer.extra` every step).
+    """
+
+    def __init__(self, trainer, labels: torch.Tensor):
+        from charrnn.data import StreamBatcher, split
+
+        cfg = trainer.cfg
+        self.cfg, self.model, self.extra = cfg, trainer.model, trainer.extra
+        train_labels, _ = split(labels, cfg.val_frac)
+        self.batcher = StreamBatcher(train_labels, cfg.batch_size, cfg.seq_len)
+        self.names = state_names(self.model)
+        self.state = default_state(self.model)
+        self._out = None
+        self._labels = None
+        self._free = None
+        self.model.head.register_forward_pre_hook(self._grab)
+        old = self.extra.get("sentiment") or {}
+        obs = old.get("observed") if old.get("source") == "bind" else None
+        self.observed = {k: list(obs.get(k, [])) for k in ("positive", "negative")} if obs else {"positive": [], "negative": []}
+        self._update_record()
+
+    @classmethod
+    def for_trainer(cls, trainer) -> "Binding":
+        total = len(trainer.train_data) + len(trainer.val_data)
+        return cls(trainer, char_labels(trainer.corpus, total))
+
+    def _grab(self, module, args):
+        if module.training:
+            self._out = args[0]  # (B, T, H): the top layer's output, the input of the head
+
+    def _targets(self, labels: torch.Tensor, dtype, device) -> dict[str, torch.Tensor]:
+        sign = labels.to(dtype).mul(2).sub(1).to(device)  # 0/1 -> -1/+1
+        c = self.cfg.sentiment_clamp
+        return {"c": sign * c, "h": sign * math.tanh(c)}
+
+    def before_step(self, step: int, carry):
+        lab, _, _ = self.batcher.get(step)  # (B, T) labels of the input characters
+        self._labels = lab
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        forced = (torch.rand(lab.shape[0], generator=g) < self.cfg.sentiment_clamp_frac) & (lab[:, 0] >= 0)
+        self._free = ~forced
+        if not forced.any():
+            return carry
+        device = carry[0].device
+        targets = self._targets(lab[:, 0], carry[0].dtype, device)
+        rows = forced.to(device)
+        parts = list(carry)
+        for i, name in enumerate(self.names):
+            s = parts[i].clone()
+            s[-1, :, BOUND_UNIT] = torch.where(rows, targets[name], s[-1, :, BOUND_UNIT])
+            parts[i] = s
+        return tuple(parts)
+
+    def extra_loss(self, carry) -> torch.Tensor:
+        lab = self._labels.to(self._out.device)
+        known = lab >= 0
+        self._observe(carry)
+        if not known.any():
+            return self._out.new_zeros(())
+        h = self._out[..., BOUND_UNIT].float()  # (B, T)
+        loss = F.binary_cross_entropy_with_logits(LOGIT_SCALE * h[known], lab[known].float())
+        return self.cfg.sentiment_weight * loss
+
+    def _observe(self, carry) -> None:
+        """Keep the unit's chunk-end value on free streams, by the label there, for the clamp values."""
+        v = carry[self.names.index(self.state)][-1, :, BOUND_UNIT].detach().float().cpu()
+        last = self._labels[:, -1]
+        for name, y in (("positive", 1), ("negative", 0)):
+            sel = v[(last == y) & self._free]
+            if sel.numel():
+                buf = self.observed[name]
+                buf.extend(sel.tolist())
+                del buf[: max(0, len(buf) - OBSERVED_KEEP)]
+        self._update_record()
+
+    def _update_record(self) -> None:
+        pos, neg = self.observed["positive"], self.observed["negative"]
+        if len(pos) >= 8 and len(neg) >= 8:
+            vals = torch.tensor(pos + neg)
+            labels = torch.tensor([1] * len(pos) + [0] * len(neg))
+            clamp = clamp_values(vals, labels, 1)
+        else:  # too early to have observed the unit: the values the binding forces
+            c = self.cfg.sentiment_clamp
+            v = c if self.state == "c" else math.tanh(c)
+            clamp = {"positive": v, "negative": -v}
+        self.extra["sentiment"] = {
+            "unit": BOUND_UNIT, "layer": self.model.config.layers - 1, "state": self.state, "polarity": 1,
+            "clamp": clamp, "source": "bind", "train_clamp": self.cfg.sentiment_clamp,
+            "observed": {"positive": list(pos), "negative": list(neg)},
+        }
+
+
+# ---------------------------------------------------------------- steering and showing
+
+
+def steering_hook(model, ck: dict, sentiment: str | None = None, neuron: int | None = None,
+                  value: float | None = None, state: str | None = None):
+    """The hook for `sample`: (hook or None, a one-line description of what is fixed)."""
+    if sentiment is None and neuron is None and value is None:
+        if state is not None:
+            raise UsageError("--state chooses the state of --sentiment or --neuron; give one of them too")
+        return None, ""
+    if sentiment is not None and neuron is not None:
+        raise UsageError("give --sentiment or --neuron K --value V, not both")
+    if sentiment is None and (neuron is None or value is None):
+        raise UsageError("--neuron K needs --value V, and --value needs --neuron K or --sentiment")
+    if sentiment is not None:
+        if sentiment not in ("positive", "negative"):
+            raise UsageError(f"--sentiment must be positive or negative (got {sentiment!r})")
+        rec = get_record(ck)
+        if state is not None and state != rec["state"]:
+            raise UsageError(f"the sentiment unit was found on the '{rec['state']}' state; leave out --state "
+                             f"or fix a unit by hand with --neuron K --value V --state {state}")
+        unit, layer, state = rec["unit"], rec["layer"], rec["state"]
+        value = rec["clamp"][sentiment] if value is None else value
+    else:
+        unit, layer, state = neuron, model.config.layers - 1, state or default_state(model)
+    hook = hook_for(model, unit, value, state, layer)
+    return hook, f"fixing unit {unit} of layer {layer} ({state}) at {value:.3f}"
+
+
+def unit_colors(values: list[float], lo: float, hi: float) -> list[tuple[int, int, int]]:
+    """Red (at lo and below) through pale grey to green (at hi and above), one RGB per value."""
+    red, mid, green = (215, 48, 39), (235, 235, 235), (26, 152, 80)
+    out = []
+    span = (hi - lo) or 1.0
+    for v in values:
+        t = min(1.0, max(0.0, (v - lo) / span))
+        a, b, f = (red, mid, t * 2) if t < 0.5 else (mid, green, t * 2 - 1)
+        out.append(tuple(int(round(x + (y - x) * f)) for x, y in zip(a, b)))
+    return out
+
+
+def color_range(values: list[float], rec: dict | None) -> tuple[float, float]:
+    """The values mapped to full red and full green: the record's clamp values, else the trace's range."""
+    if rec is not None:
+        return rec["clamp"]["negative"], rec["clamp"]["positive"]
+    lo, hi = min(values), max(values)
+    m = max(abs(lo), abs(hi)) or 1.0
+    return -m, m
+
+
+def render_html(text: str, values: list[float], colors, title: str) -> str:
+    """A standalone page: each character on its colour, its value in a tooltip."""
+    import html
+
+    spans = []
+    for ch, v, (r, g, b) in zip(text, values, colors):
+        shown = "<br>" if ch == "\n" else html.escape(ch)
+        spans.append(f'<span style="background:rgb({r},{g},{b})" title="{v:.3f}">{shown}</span>')
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>\n"
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "pre{font-family:monospace;white-space:pre-wrap;line-height:1.6;font-size:15px}</style></head>\n"
+        "<body><h3>" + html.escape(title) + "</h3>\n<p>red: negative, green: positive "
+        "(hover a character for the unit's value)</p>\n<pre>" + "".join(spans) + "</pre></body></html>\n"
+    )

@@ -1,0 +1,259 @@
+"""The sentiment unit: find (a planted unit, a bound unit), the clamp hook, sample --sentiment, neuron show, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from charrnn import checkpoint as ckm
+from charrnn import sentiment as sm
+from charrnn.data import Vocab
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.sample import SampleConfig, generate
+from charrnn.train import Trainer
+from conftest import run_cli
+
+POS = ["great", "wonderful", "loved", "superb", "fine"]
+NEG = ["awful", "boring", "hated", "dull", "poor"]
+NOUN = ["film", "movie", "plot", "cast", "ending"]
+
+
+def review(rng: random.Random, y: int) -> str:
+    words = POS if y else NEG
+    return " ".join(f"the {rng.choice(NOUN)} was {rng.choice(words)}." for _ in range(rng.randint(2, 4)))
+
+
+def write_tsv(path: Path, n: int, seed: int = 0, rows: list[str] | None = None) -> Path:
+    rng = random.Random(seed)
+    lines = rows if rows is not None else [f"{i % 2}\t{review(rng, i % 2)}" for i in range(n)]
+    path.write_text("label\ttext\n" + "\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bound(tmp_path_factory):
+    """A tiny LSTM trained with --sentiment-unit on the synthetic reviews (shared by the CLI tests)."""
+    import os
+
+    d = tmp_path_factory.mktemp("bound")
+    old, old_cache = os.getcwd(), os.environ.get("CHARRNN_CACHE")
+    os.chdir(d)
+    try:
+        os.environ["CHARRNN_CACHE"] = str(d / ".cache")
+        torch.set_num_threads(1)
+        train = write_tsv(d / "reviews.tsv", 600, seed=1)
+        test = write_tsv(d / "test.tsv", 200, seed=2)
+        r = run_cli("train", train, "--sentiment-unit", "--hidden", "32", "--layers", "1", "--seq-len", "32",
+                    "--batch-size", "16", "--steps", "300", "--threads", "1", "--run", d / "run", "-q")
+        assert r.exit_code == 0, r.stderr
+    finally:
+        os.chdir(old)
+        if old_cache is None:
+            os.environ.pop("CHARRNN_CACHE", None)
+        else:
+            os.environ["CHARRNN_CACHE"] = old_cache
+    return {"run": d / "run", "train": train, "test": test}
+
+
+# ---------------------------------------------------------------- finding
+
+
+def planted_model(texts: list[str], labels: list[int], unit: int = 3) -> tuple[CharRNN, Vocab]:
+    """An LSTM whose cell `unit` adds up a per-character sentiment score; every other unit is noise."""
+    vocab = Vocab.from_text_chars(set("".join(texts)) | {"\n"})
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(len(vocab), "lstm", 1, 8, 4, 0.0))
+    pos = {c: 1 for c in vocab.chars}
+    neg = {c: 1 for c in vocab.chars}
+    for t, y in zip(texts, labels):
+        for c in t:
+            (pos if y else neg)[c] += 1
+    score = torch.tensor([math.log(pos[c] / neg[c]) for c in vocab.chars])
+    H = 8
+    with torch.no_grad():
+        model.embedding.weight[:, 0] = score
+        w_ih, b = model.rnn.weight_ih_l0, model.rnn.bias_ih_l0  # gate rows: input, forget, cell, output
+        w_ih[:, 0] = 0.0  # only the planted unit reads the score
+        w_ih[2 * H + unit] = 0.0
+        w_ih[2 * H + unit, 0] = 1.0
+        model.rnn.weight_hh_l0[[unit, H + unit, 2 * H + unit, 3 * H + unit]] = 0.0
+        b[unit], b[H + unit], b[2 * H + unit] = 10.0, 10.0, 0.0  # input open, forget open: c adds tanh(score)
+        model.rnn.bias_hh_l0[[unit, H + unit, 2 * H + unit]] = 0.0
+    return model.eval(), vocab
+
+
+def test_find_recovers_planted_unit():
+    rng = random.Random(0)
+    labels = [i % 2 for i in range(400)]
+    texts = [review(rng, y) for y in labels]
+    model, vocab = planted_model(texts, labels, unit=3)
+    feats = sm.final_states(model, vocab, texts)
+    # the batched, length-sorted gather equals stepping each text alone
+    one = sm.unit_trace(model, vocab, texts[5], 3, -1, "c")[-1]
+    assert abs(float(feats["c"][5, 0, 3]) - one) < 1e-4
+    y = torch.tensor(labels, dtype=torch.float32)
+    fit, val, test = torch.arange(0, 240), torch.arange(240, 320), torch.arange(320, 400)
+    res = sm.find_unit(sm.take(feats, fit), y[fit], sm.take(feats, val), y[val], sm.take(feats, test), y[test],
+                       "c", [0])
+    assert (res.unit, res.polarity, res.layer) == (3, 1, 0)
+    assert res.single_unit_accuracy >= 0.75 and res.test_examples == 80
+    assert res.clamp["positive"] > 0 > res.clamp["negative"]
+
+
+def test_l1_sparsity_grows_with_strength():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 20, generator=g, dtype=torch.float64)
+    y = (X[:, 4] - 0.5 * X[:, 7] > 0).double()
+    nz = [int((sm.fit_l1(X, y, lam)[0] != 0).sum()) for lam in (0.2, 0.05, 0.001)]
+    assert nz[0] <= nz[1] <= nz[2] and nz[0] >= 1
+    w, b = sm.fit_l1(X, y, 0.05)
+    assert int(torch.argmax(w.abs())) == 4 and sm.accuracy(X, y, w, b) > 0.9
+
+
+def test_bound_unit_reads_sentiment_and_find_stores_it(bound, tmp_path):
+    ck = ckm.load(ckm.resolve(bound["run"]))
+    rec = ck["sentiment"]
+    assert rec["source"] == "bind" and rec["unit"] == sm.BOUND_UNIT and rec["state"] == "c"
+    assert rec["clamp"]["positive"] > rec["clamp"]["negative"]
+    out = tmp_path / "found.pt"
+    r = run_cli("neuron", "find", bound["run"], bound["train"], "--test", bound["test"], "--neuron", "0",
+                "--json", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["unit"] == 0 and got["polarity"] == 1 and got["test_examples"] == 200
+    assert got["single_unit_accuracy"] >= 0.7, got
+    assert ckm.load(out)["sentiment"]["source"] == "find"
+    # without --neuron it chooses among all units, and says so in a table
+    r = run_cli("neuron", "find", bound["run"], bound["train"], "--no-save")
+    assert r.exit_code == 0, r.stderr
+    assert "single-unit accuracy" in r.stderr and "all-units accuracy" in r.stderr
+
+
+def test_binding_resume_is_exact(tmp_path):
+    tsv = write_tsv(tmp_path / "r.tsv", 300)
+    from charrnn.config import TrainConfig
+
+    cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=8, steps=30, eval_every=10, keep=10,
+                      sentiment_unit=True, threads=1)
+    Trainer.new([tsv], cfg, run_dir=tmp_path / "full").run()
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for i in ckm.list_checkpoints(cut):
+        if i.step > 10:
+            i.path.unlink()
+            ckm.sidecar(i.path).unlink()
+    Trainer.resume(cut).run()
+    a = torch.load(tmp_path / "full" / ckm.ckpt_name(30), weights_only=True)
+    b = torch.load(cut / ckm.ckpt_name(30), weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_sentiment_unit_needs_labels(tmp_path, corpus):
+    from conftest import TINY
+
+    r = run_cli("train", corpus, "--sentiment-unit", "--steps", "5", *TINY)
+    assert r.exit_code == 2 and "labeled" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- fixing a unit
+
+
+def test_clamp_hook_holds_the_unit_every_step():
+    torch.manual_seed(0)
+    vocab = Vocab.from_text_chars("abc \n")
+    model = CharRNN(ModelConfig(len(vocab), "lstm", 2, 16, 0, 0.0)).eval()
+    with torch.no_grad():
+        model.head.weight[:, 5] = torch.linspace(-20, 20, len(vocab))  # make the unit matter to the output
+    hook = sm.hook_for(model, unit=5, value=1.5, state="c", layer=-1)
+    seen = []
+
+    def spy(state):
+        state = hook(state)
+        seen.append(state[1][-1, :, 5].clone())
+        return state
+
+    cfg = SampleConfig(length=30, prime="ab", seed=3, num=2)
+    fixed = generate(model, vocab, cfg, hook=spy)
+    assert len(seen) == 32 and all(torch.all(v == 1.5) for v in seen)
+    free = generate(model, vocab, cfg)
+    assert fixed != free
+    gru = CharRNN(ModelConfig(len(vocab), "gru", 1, 8, 0, 0.0))
+    assert sm.default_state(gru) == "h"
+    with pytest.raises(Exception, match="no 'c' state"):
+        sm.hook_for(gru, 1, 0.5, "c")
+
+
+def test_sample_sentiment_through_cli(bound):
+    args = ("sample", bound["run"], "--length", "120", "--temp", "0.5", "--seed", "4", "--prime", "the ")
+    pos = run_cli(*args, "--sentiment", "positive")
+    neg = run_cli(*args, "--sentiment", "negative")
+    assert pos.exit_code == 0 and neg.exit_code == 0, pos.stderr + neg.stderr
+    assert pos.stdout.startswith("the ") and pos.stdout != neg.stdout
+    score = lambda t: sum(t.count(w) for w in POS) - sum(t.count(w) for w in NEG)  # noqa: E731
+    assert score(pos.stdout) > score(neg.stdout)
+    hand = run_cli(*args, "--neuron", "2", "--value", "0.7", "--state", "h", "--num", "2", "--jsonl")
+    assert hand.exit_code == 0 and len(hand.stdout.splitlines()) == 2
+    bad = run_cli(*args, "--neuron", "2")
+    assert bad.exit_code == 2 and "--value" in bad.stderr
+
+
+def test_sample_sentiment_without_unit_says_how(corpus):
+    from conftest import TINY
+
+    assert run_cli("train", corpus, "--steps", "5", "--run", "plain", *TINY).exit_code == 0
+    r = run_cli("sample", "plain", "--sentiment", "positive", "--length", "10")
+    assert r.exit_code == 1
+    assert "no sentiment unit" in r.stderr and "neuron find" in r.stderr and "--sentiment-unit" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- showing
+
+
+def test_neuron_show_terminal_and_html(bound, tmp_path):
+    page = tmp_path / "unit.html"
+    r = run_cli("neuron", "show", bound["run"], "the film was great. the cast was dull.", "--html", page)
+    assert r.exit_code == 0, r.stderr
+    assert "the film was great" in r.stderr and "unit 0" in r.stderr
+    html = page.read_text()
+    assert html.startswith("<!DOCTYPE html>") and html.count("<span") == len("the film was great. the cast was dull.")
+    f = tmp_path / "t.txt"
+    f.write_text("the plot was awful.")
+    r = run_cli("neuron", "show", bound["run"], "--file", f, "--neuron", "3", "--state", "h")
+    assert r.exit_code == 0 and "unit 3" in r.stderr
+    r = run_cli("neuron", "show", bound["run"])
+    assert r.exit_code == 2 and "TEXT" in r.stderr
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("rows,fragment", [
+    (["1\tgood film", "0 bad film no tab"], "malformed row"),
+    (["1\tgood film", "maybe\tok film"], "unknown label"),
+    (["1\tgood film", "pos\tfine film"], "every example is positive"),
+])
+def test_find_bad_tsv_is_one_line(bound, tmp_path, rows, fragment):
+    tsv = write_tsv(tmp_path / "bad.tsv", 0, rows=rows)
+    r = run_cli("neuron", "find", bound["run"], tsv, "--no-save")
+    assert r.exit_code == 1 and fragment in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_find_skips_unknown_characters_with_a_warning(bound, tmp_path):
+    rng = random.Random(5)
+    rows = [f"{i % 2}\t{review(rng, i % 2)}" + (" ☃" if i % 7 == 0 else "") for i in range(120)]
+    tsv = write_tsv(tmp_path / "snow.tsv", 0, rows=rows)
+    r = run_cli("neuron", "find", bound["run"], tsv, "--no-save", "--json", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "warning" in r.stderr and "never saw" in r.stderr and "☃" in r.stderr
+    assert json.loads(r.stdout)["test_examples"] > 0
+    r = run_cli("neuron", "show", bound["run"], "the film ☃ was fine.")
+    assert r.exit_code == 0 and "never saw" in r.stderr
