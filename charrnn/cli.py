@@ -95,7 +95,7 @@ def train(
     val_frac: Annotated[Optional[float], typer.Option(help="Last fraction held out for validation \\[default: 0.1].", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option(min=1, help="Steps between evaluations and saves \\[default: about 10 per run].", show_default=False)] = None,
     keep: Annotated[Optional[int], typer.Option(min=1, help="Newest checkpoints kept besides the best \\[default: 1].", show_default=False)] = None,
-    run: Annotated[Optional[Path], typer.Option(help="Run folder \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
+    run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run folder (--run-dir is the same; use it under torchrun, whose parser takes --run for its own --run-path) \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder exactly where it stopped.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from this checkpoint's weights.")] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
@@ -455,7 +455,24 @@ def bench(
 
 
 def main() -> None:
-    app()
+    """Run the app; a usage error (bad option, bad value) is one plain line and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:  # the parser's own errors carry a message and an exit code
+        if not (hasattr(e, "format_message") and hasattr(e, "exit_code")):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":
+            code = 0
+            print(e.format_message(), file=sys.stderr)
+        else:
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {e.format_message()}{where}", file=sys.stderr)
+            code = e.exit_code
+    except (KeyboardInterrupt, EOFError):
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
