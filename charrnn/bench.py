@@ -306,3 +306,39 @@ def machine_description() -> str:
 
     return (f"{platform.machine()} {os.cpu_count()} CPU(s), torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+
+
+# ---------------------------------------------------------------- several processes
+
+
+def bench_processes(report: Report, hidden: int, steps: int, folder: Path) -> list[dict]:
+    """chars/s of 1 process (1 and 2 threads) against torchrun with 2 processes of 1 thread, same total batch."""
+    import json as _json
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "ddp.txt"
+    corpus.write_text(synthetic_text(600_000, seed=2))
+    common = ["train", str(corpus), "--hidden", str(hidden), "--steps", str(steps), "--eval-every", str(10**6),
+              "--seq-len", "100", "--batch-size", "32", "-q", "--device", "cpu"]
+    setups = [
+        ("1 process, 1 thread", [sys.executable, "-m", "charrnn", *common, "--threads", "1"], "1"),
+        ("1 process, 2 threads", [sys.executable, "-m", "charrnn", *common, "--threads", "2"], "2"),
+        ("torchrun, 2 processes x 1 thread", [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc_per_node", "2", "-m", "charrnn", *common], "1"),
+    ]
+    rows = []
+    base = None
+    for name, cmd, threads in setups:
+        run = folder / f"ddp-run-{len(rows)}"
+        shutil.rmtree(run, ignore_errors=True)
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        subprocess.run([*cmd, "--run-dir", str(run)], check=True, env=env, capture_output=True)
+        lines = [_json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        cps = [l["chars_per_s"] for l in lines if "chars_per_s" in l][-1]
+        base = base or cps
+        row = {"setup": name, "chars_per_s": cps, "ratio": cps / base,
+               "val_loss": [l["val_loss"] for l in lines if "val_loss" in l][-1]}
+        report("processes", row)
+        rows.append(row)
+    return rows

@@ -403,7 +403,7 @@ def checkpoints_prune(
 @app.command()
 @handle_errors
 def bench(
-    sections: Annotated[str, typer.Option(help="Comma-separated: train, sample, startup, big, quality.")] = "train,sample,startup",
+    sections: Annotated[str, typer.Option(help="Comma-separated: train, sample, startup, big, quality, processes.")] = "train,sample,startup",
     steps: Annotated[int, typer.Option(min=2, help="Timed training steps per measurement.")] = 40,
     rounds: Annotated[int, typer.Option(min=1, help="Raw/charrnn alternations per training shape (medians reported).")] = 2,
     shapes: Annotated[str, typer.Option(help="Training shapes, CELLxLAYERSxHIDDEN, comma-separated.")] = "lstm2x256,lstm2x512,gru2x512",
@@ -426,7 +426,7 @@ def bench(
     from charrnn.errors import UsageError
 
     wanted = [s.strip() for s in sections.split(",") if s.strip()]
-    known = {"train", "sample", "startup", "big", "quality"}
+    known = {"train", "sample", "startup", "big", "quality", "processes"}
     if not wanted or set(wanted) - known:
         raise UsageError(f"unknown --sections {sections!r}; choose from {', '.join(sorted(known))}")
     parsed = []
@@ -452,6 +452,8 @@ def bench(
         b.bench_big_corpus(report, big_mb, workdir)
     if "quality" in wanted:
         b.bench_quality(report, quality_corpus, quality_budget, workdir)
+    if "processes" in wanted:
+        b.bench_processes(report, parsed[0].hidden, steps, workdir)
 
 
 def main() -> None:

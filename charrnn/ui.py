@@ -245,6 +245,8 @@ BENCH_FORMAT = {
               "{charrnn_chars_per_s:,.0f} chars/s, ratio {ratio:.2f}; --num {num}: {batched_chars_per_s:,.0f} chars/s "
               "({batched_ratio:.1f}x one stream); first character after {first_char_s:.2f} s",
     "startup": "{command}: {seconds:.3f} s",
+    "processes": "{setup}: {chars_per_s:,.0f} chars/s ({ratio:.2f}x one process with one thread), "
+                 "val loss {val_loss:.4f}",
     "big": "{corpus_mb} MB corpus, {run}: exit {exit_code}, first steps done after {first_step_s} s, "
            "total {total_s:.1f} s, peak RSS {peak_rss_mb:,.0f} MB",
     "quality": "train {corpus} --time {budget}: best val loss {best_val_loss:.4f} nats/char "

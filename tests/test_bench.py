@@ -36,3 +36,17 @@ def test_bench_big_corpus_second_run_uses_cache(tmp_path):
 def test_bench_rejects_unknown_section():
     r = run_cli("bench", "--sections", "everything")
     assert r.exit_code == 2 and "unknown --sections" in r.stderr
+
+
+def test_bench_processes_compares_against_one_process(tmp_path):
+    r = run_cli("bench", "--sections", "processes", "--shapes", "lstm1x32", "--steps", "4",
+                "--workdir", tmp_path / "w", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert [row["setup"] for row in rows] == ["1 process, 1 thread", "1 process, 2 threads",
+                                              "torchrun, 2 processes x 1 thread"]
+    base = rows[0]["chars_per_s"]
+    for row in rows:
+        assert abs(row["ratio"] - row["chars_per_s"] / base) < 1e-9
+    # same total batch, same seed, same steps: the same model up to float rounding
+    assert abs(rows[2]["val_loss"] - rows[0]["val_loss"]) < 0.02
