@@ -68,27 +68,22 @@ class Dist:
 
     # ------------------------------------------------------------ reductions
 
-    def sum(self, values: list[float]) -> list[float]:
+    def _collective(self, values: list[float], op) -> list[float]:
         if not self.enabled:
             return values
         t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        op(t)
         return t.tolist()
 
+    def sum(self, values: list[float]) -> list[float]:
+        return self._collective(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
+
     def max(self, values: list[float]) -> list[float]:
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
+        return self._collective(values, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX))
 
     def broadcast(self, values: list[float]) -> list[float]:
         """Rank 0's values, on every rank."""
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.broadcast(t, src=0)
-        return t.tolist()
+        return self._collective(values, lambda t: dist.broadcast(t, src=0))
 
     def gather_rows(self, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The recurrent state of all ranks' streams, joined along the batch dimension (on every rank)."""
