@@ -46,7 +46,7 @@ class TrainConfig:
     # sentiment binding (train --sentiment-unit; see charrnn/sentiment.py Binding)
     sentiment_unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
     sentiment_weight: float = 1.0  # weight of the unit's logistic loss beside the language-model loss
-    sentiment_clamp_frac: float = 0.25  # share of streams whose unit is set to the label at a chunk start
+    sentiment_clamp_frac: float = 0.25  # share of reviews whose unit is set to the label at each chunk start
     sentiment_clamp: float = 2.0  # the cell-state value set there (+ positive, - negative; h gets tanh of it)
 
     def to_dict(self) -> dict:

@@ -334,17 +334,22 @@ def hook_for(model, unit: int, value: float, state: str, layer: int = -1):
 # ---------------------------------------------------------------- binding during training
 
 
-def char_labels(paths, total: int) -> torch.Tensor:
-    """One label per character of the training text (-1 outside labeled files), in load_corpus order."""
+def char_labels(paths, total: int, forced_frac: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """One code per character of the training text, in load_corpus order: -1 outside labeled files,
+    the label (0/1) in a free review, label + 2 in a review chosen (seeded, `forced_frac` of them)
+    to have its unit forced."""
     from charrnn.data import is_labeled, iter_text
 
     parts = []
+    g = torch.Generator().manual_seed(seed)
     for p in paths:
         p = Path(p)
         if is_labeled(p):
             lab = read_labeled(p)
             lens = torch.tensor([len(t) + 1 for t in lab.texts])  # each text and its newline
-            parts.append(torch.repeat_interleave(torch.tensor(lab.labels, dtype=torch.int8), lens))
+            codes = torch.tensor(lab.labels, dtype=torch.int8)
+            codes += 2 * (torch.rand(len(codes), generator=g) < forced_frac).to(torch.int8)
+            parts.append(torch.repeat_interleave(codes, lens))
         else:
             n = sum(len(piece) for piece in iter_text(p))
             parts.append(torch.full((n,), -1, dtype=torch.int8))
@@ -361,14 +366,16 @@ class Binding:
     """Ties unit BOUND_UNIT of the top layer to the labels while the language model trains.
 
     The Trainer calls `before_step(step, carry)` right before the forward pass and adds
-    `extra_loss()` to the language-model loss. Two parts:
-    - supervision: a logistic loss on the unit's top-layer output h at every labeled character
-      (logit = LOGIT_SCALE * h), so the unit reads sentiment from text;
-    - teacher forcing: on a seeded random fraction of streams (a pure function of the step, so
-      resume stays exact), the carried state's unit (c and h) is set to the label's value at the
-      chunk start, so the rest of the network learns that the unit's value predicts the words.
-    It records the unit's observed values at chunk ends of free streams, per class, for the clamp
-    values stored in the checkpoint ("sentiment" entry, updated in `trainer.extra` every step).
+    `extra_loss()` to the language-model loss. Reviews are split (seeded) into two kinds:
+    - forced reviews (`sentiment_clamp_frac` of them): at every chunk start inside one, the carried
+      state's unit (c and h) is set to the label's value, so the rest of the network learns that
+      the unit's value predicts the words;
+    - free reviews: a logistic loss on the unit's top-layer output h at each of their characters
+      (logit = LOGIT_SCALE * h), so the unit learns to read sentiment from text. Free reviews are
+      never forced, so the unit cannot pass the loss by holding a value forced earlier in the same
+      review (a first design that forced random chunks did exactly that: see docs/readme_sentiment.md).
+    The checkpoint's "sentiment" entry (updated in `trainer.extra` every step) holds the forced
+    values as clamp values, and the unit's observed values at chunk ends of free reviews.
     """
 
     def __init__(self, trainer, labels: torch.Tensor):
@@ -392,7 +399,8 @@ class Binding:
     @classmethod
     def for_trainer(cls, trainer) -> "Binding":
         total = len(trainer.train_data) + len(trainer.val_data)
-        return cls(trainer, char_labels(trainer.corpus, total))
+        cfg = trainer.cfg
+        return cls(trainer, char_labels(trainer.corpus, total, cfg.sentiment_clamp_frac, cfg.seed))
 
     def _grab(self, module, args):
         if module.training:
@@ -404,15 +412,14 @@ class Binding:
         return {"c": sign * c, "h": sign * math.tanh(c)}
 
     def before_step(self, step: int, carry):
-        lab, _, _ = self.batcher.get(step)  # (B, T) labels of the input characters
+        lab, _, _ = self.batcher.get(step)  # (B, T) codes of the input characters
         self._labels = lab
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
-        forced = (torch.rand(lab.shape[0], generator=g) < self.cfg.sentiment_clamp_frac) & (lab[:, 0] >= 0)
+        forced = lab[:, 0] >= 2  # streams inside a forced review at this chunk start
         self._free = ~forced
         if not forced.any():
             return carry
         device = carry[0].device
-        targets = self._targets(lab[:, 0], carry[0].dtype, device)
+        targets = self._targets(lab[:, 0] % 2, carry[0].dtype, device)
         rows = forced.to(device)
         parts = list(carry)
         for i, name in enumerate(self.names):
@@ -423,7 +430,7 @@ class Binding:
 
     def extra_loss(self, carry) -> torch.Tensor:
         lab = self._labels.to(self._out.device)
-        known = lab >= 0
+        known = (lab == 0) | (lab == 1)  # characters of free reviews
         self._observe(carry)
         if not known.any():
             return self._out.new_zeros(())
@@ -444,19 +451,19 @@ class Binding:
         self._update_record()
 
     def _update_record(self) -> None:
+        # The clamp values of a bound unit are the values training forced (what the network learned
+        # to read); steering with them beat the observed 90th/10th percentiles, which are kept too.
         pos, neg = self.observed["positive"], self.observed["negative"]
+        c = self.cfg.sentiment_clamp
+        v = c if self.state == "c" else math.tanh(c)
+        observed = None
         if len(pos) >= 8 and len(neg) >= 8:
             vals = torch.tensor(pos + neg)
-            labels = torch.tensor([1] * len(pos) + [0] * len(neg))
-            clamp = clamp_values(vals, labels, 1)
-        else:  # too early to have observed the unit: the values the binding forces
-            c = self.cfg.sentiment_clamp
-            v = c if self.state == "c" else math.tanh(c)
-            clamp = {"positive": v, "negative": -v}
+            observed = clamp_values(vals, torch.tensor([1] * len(pos) + [0] * len(neg)), 1)
         self.extra["sentiment"] = {
             "unit": BOUND_UNIT, "layer": self.model.config.layers - 1, "state": self.state, "polarity": 1,
-            "clamp": clamp, "source": "bind", "train_clamp": self.cfg.sentiment_clamp,
-            "observed": {"positive": list(pos), "negative": list(neg)},
+            "clamp": {"positive": v, "negative": -v}, "observed_clamp": observed, "source": "bind",
+            "train_clamp": c, "observed": {"positive": list(pos), "negative": list(neg)},
         }
 
 

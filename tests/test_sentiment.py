@@ -197,6 +197,8 @@ def test_sample_sentiment_through_cli(bound):
     assert pos.exit_code == 0 and neg.exit_code == 0, pos.stderr + neg.stderr
     assert pos.stdout.startswith("the ") and pos.stdout != neg.stdout
     score = lambda t: sum(t.count(w) for w in POS) - sum(t.count(w) for w in NEG)  # noqa: E731
+    many = ("--num", "20", "--jsonl")
+    pos, neg = run_cli(*args, "--sentiment", "positive", *many), run_cli(*args, "--sentiment", "negative", *many)
     assert score(pos.stdout) > score(neg.stdout)
     hand = run_cli(*args, "--neuron", "2", "--value", "0.7", "--state", "h", "--num", "2", "--jsonl")
     assert hand.exit_code == 0 and len(hand.stdout.splitlines()) == 2

@@ -1,0 +1,151 @@
+"""Steering benchmark: do `--sentiment positive/negative` samples read as positive/negative to judges charrnn never saw?
+
+Generates --num samples of --length characters with the sentiment unit fixed positive, fixed
+negative, and free; scores them, and real held-out reviews cut to the same length, with two
+off-the-shelf judges (VADER and AFINN, lexicon-based, installed only for this benchmark:
+`pip install vaderSentiment afinn`); reports the fraction judged positive, the model's loss on
+held-out reviews with the unit free / fixed to the review's label / fixed to the opposite label,
+and the share of the samples' 20-grams found verbatim in the training text.
+
+    python benchmarks/steering.py CHECKPOINT HELDOUT.tsv [--num 100] [--length 400] [--temp 0.8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def judges():
+    from afinn import Afinn
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader, afinn = SentimentIntensityAnalyzer(), Afinn()
+    return {"vader": lambda t: vader.polarity_scores(t)["compound"] >= 0.05, "afinn": lambda t: afinn.score(t) > 0}
+
+
+def frac_positive(judge, texts: list[str]) -> float:
+    return sum(bool(judge(t)) for t in texts) / len(texts)
+
+
+@torch.no_grad()
+def heldout_loss(model, vocab, texts: list[str], labels: list[int], rec: dict | None, mode: str) -> float:
+    """Mean nats/char over the texts, stepping one character at a time with the unit free, matched or opposite."""
+    from charrnn import sentiment as sm
+
+    ids = torch.tensor([[vocab.stoi["\n"]] + vocab.encode(t) for t in texts])  # (N, L+1), equal lengths
+    hooks = {}
+    if mode != "free":
+        for y in (0, 1):
+            side = ("positive" if y else "negative") if mode == "matched" else ("negative" if y else "positive")
+            hooks[y] = sm.hook_for(model, rec["unit"], rec["clamp"][side], rec["state"], rec["layer"])
+    state = model.init_state(len(texts))
+    lab = torch.tensor(labels)
+    total, count = 0.0, 0
+    for t in range(ids.shape[1] - 1):
+        logits, state = model.step(ids[:, t], state)
+        if hooks:  # rows of each label get their own value
+            s0, s1 = hooks[0](state), hooks[1](state)
+            state = tuple(torch.where(lab.view(1, -1, 1) == 1, b, a) for a, b in zip(s0, s1))
+        total += float(torch.nn.functional.cross_entropy(logits, ids[:, t + 1], reduction="sum"))
+        count += len(texts)
+    return total / count
+
+
+def ngram_share(samples: list[str], train_text: str, n: int = 20) -> float:
+    wanted = {s[i : i + n] for s in samples for i in range(len(s) - n + 1)}
+    found = set()
+    for i in range(len(train_text) - n + 1):
+        g = train_text[i : i + n]
+        if g in wanted:
+            found.add(g)
+    total = [s[i : i + n] for s in samples for i in range(len(s) - n + 1)]
+    return sum(g in found for g in total) / max(1, len(total))
+
+
+def distinct_words(texts: list[str]) -> float:
+    words = [w for t in texts for w in t.lower().split()]
+    return len(set(words)) / max(1, len(words))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoint")
+    ap.add_argument("heldout", help="labeled TSV the model never trained on (real reviews and held-out loss)")
+    ap.add_argument("--num", type=int, default=100)
+    ap.add_argument("--length", type=int, default=400)
+    ap.add_argument("--temp", type=float, default=0.8)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--loss-reviews", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--samples-out", help="write every sample as JSON lines here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from charrnn import sentiment as sm
+    from charrnn.checkpoint import load_model
+    from charrnn.data import iter_corpus_text, read_labeled
+    from charrnn.sample import SampleConfig, generate
+
+    t0 = time.perf_counter()
+    model, vocab, ck = load_model(args.checkpoint)
+    rec = sm.get_record(ck)
+    judge = judges()
+    samples = {}
+    for cond in ("positive", "negative", "none"):
+        hook = None
+        if cond != "none":
+            hook, _ = sm.steering_hook(model, ck, cond)
+        cfg = SampleConfig(temperature=args.temp, length=args.length, seed=args.seed, num=args.num)
+        samples[cond] = [t.lstrip("\n") for t in generate(model, vocab, cfg, hook=hook)]
+    held = read_labeled(Path(args.heldout))
+    known = set(vocab.chars)
+    rng = random.Random(0)
+    pairs = [(t[: args.length], y) for t, y in zip(held.texts, held.labels)
+             if len(t) >= args.length and set(t[: args.length]) <= known]
+    rng.shuffle(pairs)
+    real = {"positive": [t for t, y in pairs if y == 1][: args.num], "negative": [t for t, y in pairs if y == 0][: args.num]}
+    rows = []
+    for name, texts in (("samples --sentiment positive", samples["positive"]),
+                        ("samples --sentiment negative", samples["negative"]),
+                        ("samples, unit free", samples["none"]),
+                        ("real positive reviews", real["positive"]), ("real negative reviews", real["negative"])):
+        rows.append({"set": name, "n": len(texts), **{j: frac_positive(f, texts) for j, f in judge.items()},
+                     "distinct_words": distinct_words(texts)})
+    sep = {j: {"samples": rows[0][j] - rows[1][j], "real": rows[3][j] - rows[4][j]} for j in judge}
+    lp = pairs[: args.loss_reviews]
+    losses = {m: heldout_loss(model, vocab, [t for t, _ in lp], [y for _, y in lp], rec, m)
+              for m in ("free", "matched", "opposite")}
+    train_text = "".join("".join(iter_corpus_text(Path(p))) for p in ck["train"]["corpus"])
+    overlap = {c: ngram_share(samples[c], train_text) for c in samples}
+    real_overlap = ngram_share(real["positive"] + real["negative"], train_text)
+    out = {"checkpoint": ck["path"], "unit": rec, "temp": args.temp, "rows": rows, "separation": sep,
+           "heldout_loss": losses, "heldout_reviews": len(lp), "ngram20_in_train": overlap,
+           "ngram20_in_train_real": real_overlap, "seconds": time.perf_counter() - t0}
+    out["unit"] = {k: v for k, v in rec.items() if k != "observed"}
+    if args.samples_out:
+        with open(args.samples_out, "w") as f:
+            for c, ts in samples.items():
+                for t in ts:
+                    f.write(json.dumps({"condition": c, "text": t}, ensure_ascii=False) + "\n")
+    print(f"| set | n | VADER positive | AFINN positive | distinct words |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['set']} | {r['n']} | {r['vader']:.0%} | {r['afinn']:.0%} | {r['distinct_words']:.2f} |")
+    for j, d in sep.items():
+        print(f"{j}: positive minus negative: samples {d['samples']:+.0%}, real reviews {d['real']:+.0%}")
+    print(f"held-out loss on {len(lp)} reviews ({args.length} chars, nats/char): unit free {losses['free']:.4f}, "
+          f"fixed to its label {losses['matched']:.4f}, fixed to the opposite {losses['opposite']:.4f}")
+    print("20-grams found verbatim in the training text: " + ", ".join(f"{c} {v:.1%}" for c, v in overlap.items())
+          + f"; real held-out reviews {real_overlap:.1%}")
+    print(json.dumps(out), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
