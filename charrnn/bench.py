@@ -76,10 +76,17 @@ class RawModel(nn.Module):
         return self.head(out), h
 
 
-def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: int = 3) -> tuple[float, list[float]]:
-    """chars/s of a plain PyTorch TBPTT loop (Adam, clipping) and its RSS after each step."""
+def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: int = 3,
+                  device: str = "cpu") -> tuple[float, list[float]]:
+    """chars/s of a plain PyTorch TBPTT loop (Adam, clipping) and its RSS after each step.
+
+    On CUDA it uses the same mixed precision as charrnn (autocast to bf16, or fp16 where bf16 is missing)."""
+    from charrnn.train import autocast_dtype
+
     torch.manual_seed(0)
-    m = RawModel(vocab, s)
+    dev = torch.device(device)
+    amp = autocast_dtype(dev)
+    m = RawModel(vocab, s).to(dev)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     n = len(data) // s.batch_size
     streams = data[: n * s.batch_size].view(s.batch_size, n)
@@ -90,10 +97,11 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
         if i == warmup:
             t0 = time.perf_counter()
         p = (i * s.seq_len) % (n - s.seq_len - 1)
-        chunk = streams[:, p : p + s.seq_len + 1].long()
-        logits, h = m(chunk[:, :-1], h)
+        chunk = streams[:, p : p + s.seq_len + 1].long().to(dev)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            logits, h = m(chunk[:, :-1], h)
+            loss = F.cross_entropy(logits.reshape(-1, vocab).float(), chunk[:, 1:].reshape(-1))
         h = tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
-        loss = F.cross_entropy(logits.reshape(-1, vocab), chunk[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
@@ -103,7 +111,8 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
     return steps * s.batch_size * s.seq_len / (time.perf_counter() - t0), rss
 
 
-def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path) -> tuple[float, list[float]]:
+def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path,
+                      device: str = "cpu") -> tuple[float, list[float]]:
     """chars/s of charrnn's own training loop (the code `charrnn train` runs) at the same shape."""
     from charrnn.train import Trainer
 
@@ -114,13 +123,14 @@ def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path) -> tupl
             rss.append(rss_mb())
 
     cfg = TrainConfig(cell=s.cell, layers=s.layers, hidden=s.hidden, seq_len=s.seq_len, batch_size=s.batch_size,
-                      steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device="cpu")
+                      steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device=device)
     trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=cb)
     summary = trainer.run()
     return summary["chars_per_s"], rss
 
 
-def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int = 2) -> list[dict]:
+def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int = 2,
+                   device: str = "cpu") -> list[dict]:
     """Raw loop and charrnn, alternated `rounds` times per shape; medians and their ratio."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,13 +141,13 @@ def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int 
         for s in shapes:
             raw, ours, growth = [], [], []
             for r in range(rounds):
-                cps, _ = raw_train_cps(data, vocab, s, steps)
+                cps, _ = raw_train_cps(data, vocab, s, steps, device=device)
                 raw.append(cps)
-                cps, rss = charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{r}")
+                cps, rss = charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{r}", device)
                 ours.append(cps)
                 if len(rss) >= 2:
                     growth.append(rss[-1] - rss[0])
-            row = {"shape": s.name, "raw_chars_per_s": statistics.median(raw),
+            row = {"shape": s.name, "device": device, "raw_chars_per_s": statistics.median(raw),
                    "charrnn_chars_per_s": statistics.median(ours),
                    "rss_growth_mb": max(growth) if growth else 0.0}
             row["ratio"] = row["charrnn_chars_per_s"] / row["raw_chars_per_s"]

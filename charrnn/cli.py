@@ -83,9 +83,9 @@ def train(
     layers: Annotated[Optional[int], typer.Option(min=1, help="Stacked layers \\[default: 2].", show_default=False)] = None,
     hidden: Annotated[Optional[int], typer.Option(min=1, help="Units per layer \\[default: chosen from the time budget and corpus].", show_default=False)] = None,
     embed: Annotated[int, typer.Option(min=0, help="Embedding width; 0 = same as --hidden.")] = 0,
-    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout \\[default: 0].", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout \\[default: from the expected passes over the corpus: 0 to 0.3].", show_default=False)] = None,
     seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per backprop-through-time window \\[default: 128].", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32].", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32 on a CPU, 128 on CUDA].", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 3e-3].", show_default=False)] = None,
     grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Global gradient-norm clip, 0 = off \\[default: 1.0].", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed \\[default: 1337].", show_default=False)] = None,
@@ -95,6 +95,7 @@ def train(
     val_frac: Annotated[Optional[float], typer.Option(help="Last fraction held out for validation \\[default: 0.1].", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option(min=1, help="Steps between evaluations and saves \\[default: about 10 per run].", show_default=False)] = None,
     keep: Annotated[Optional[int], typer.Option(min=1, help="Newest checkpoints kept besides the best \\[default: 1].", show_default=False)] = None,
+    patience: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many evaluations without a better validation loss; 0 = never \\[default: 5 for a time budget, 0 with --steps/--epochs].", show_default=False)] = None,
     run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run folder (--run-dir is the same; use it under torchrun, whose parser takes --run for its own --run-path) \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder exactly where it stopped.")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from this checkpoint's weights.")] = None,
@@ -125,7 +126,7 @@ def train(
         given = dict(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
-            keep=keep, threads=threads, encoding_errors=encoding_errors,
+            keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
         )
         cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value, sentiment_unit=sentiment_unit,
                           **{k: v for k, v in given.items() if v is not None})
@@ -416,6 +417,7 @@ def bench(
     quality_corpus: Annotated[Path, typer.Option(help="Corpus for the 'quality' section.")] = Path("../shared/corpora/tinyshakespeare.txt"),
     quality_budget: Annotated[str, typer.Option(help="Time budget for the 'quality' section.")] = "5m",
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the big and quality sections.")] = Path("bench-work"),
+    device: Annotated[str, typer.Option(help="Device for the 'train' section: cpu or cuda (mixed precision on both sides).")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per measured row on stdout.")] = False,
 ):
     """Measure charrnn against raw PyTorch loops at the same shapes, side by side, and print ratios."""
@@ -445,7 +447,9 @@ def bench(
     if "startup" in wanted:
         b.bench_startup(report)
     if "train" in wanted:
-        b.bench_training(report, parsed, steps, rounds)
+        if device not in ("cpu", "cuda"):
+            raise UsageError(f"unknown --device {device!r} for bench; choose cpu or cuda")
+        b.bench_training(report, parsed, steps, rounds, device)
     if "sample" in wanted:
         b.bench_sampling(report, sample_hidden, 2, sample_length, num)
     if "big" in wanted:

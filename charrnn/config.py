@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from charrnn.errors import UsageError
 
 DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
+DEFAULT_PATIENCE = 5  # evaluations without a new best before a time-budget run stops early
 
 
 @dataclass
@@ -24,7 +25,7 @@ class TrainConfig:
     dropout: float | None = None  # dropout between layers and before the head
     # optimisation
     seq_len: int = 128  # characters per truncated-BPTT window
-    batch_size: int = 32  # parallel contiguous streams of the corpus
+    batch_size: int | None = None  # parallel contiguous streams of the corpus; None: 32 on a CPU, 128 on a GPU
     lr: float = 3e-3  # peak Adam learning rate
     min_lr_frac: float = 0.05  # the cosine schedule ends at lr * min_lr_frac
     warmup_steps: int = 50  # linear warm-up from 0
@@ -39,6 +40,8 @@ class TrainConfig:
     eval_every: int | None = None  # steps between evaluations and saves; None: about 10 per run
     eval_chars: int = 250_000  # characters of validation text scored at each evaluation
     keep: int = 1  # newest checkpoints kept besides the best
+    patience: int | None = None  # stop after this many evaluations without a new best; 0: never;
+    # None: 5 for a time-budget run (the budget is a limit, not a goal), never for --steps/--epochs
     # hardware
     device: str = "auto"
     threads: int | None = None  # CPU threads; None: PyTorch's default
@@ -96,6 +99,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--epochs must be above 0 (got {cfg.epochs})")
     if sum(x is not None for x in (cfg.steps, cfg.epochs, cfg.time_s)) > 1:
         raise UsageError("give at most one of --steps, --epochs and --time")
+    if cfg.patience is not None and cfg.patience < 0:
+        raise UsageError(f"--patience must be 0 (never stop early) or more (got {cfg.patience})")
     if cfg.keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
     if cfg.sentiment_weight < 0 or not 0.0 <= cfg.sentiment_clamp_frac <= 1.0 or cfg.sentiment_clamp <= 0:
@@ -111,21 +116,30 @@ SIZE_BY_BUDGET = [  # (budget seconds up to, hidden)
     (3600, 384),
     (float("inf"), 512),
 ]
+# On a CUDA GPU a step of a wider model costs little more than a narrow one (the recurrence is
+# latency-bound), so the GPU gets more streams and more width for the same budget (README: "On a GPU").
+GPU_SIZE_BY_BUDGET = [(900, 512), (float("inf"), 1024)]
+BATCH_BY_DEVICE = {"cpu": 32, "cuda": 128, "mps": 64}
 
 
-def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None) -> TrainConfig:
-    """Fill the auto fields from the corpus size and the time budget (when the run has one)."""
+def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu") -> TrainConfig:
+    """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device."""
     out = TrainConfig.from_dict(cfg.to_dict())
+    if out.batch_size is None:
+        out.batch_size = BATCH_BY_DEVICE.get(device_type, 32)
+    if out.patience is None:
+        out.patience = DEFAULT_PATIENCE if out.steps is None and out.epochs is None else 0
     if out.layers is None:
         out.layers = 2
     if out.hidden is None:
         budget = budget_s if budget_s is not None else DEFAULT_TIME_S
-        out.hidden = next(h for limit, h in SIZE_BY_BUDGET if budget <= limit)
-        # a tiny corpus does not need (and overfits) a wide model
-        while out.hidden > 128 and out.hidden * out.hidden * 8 * out.layers > 4 * train_chars:
+        table = GPU_SIZE_BY_BUDGET if device_type == "cuda" else SIZE_BY_BUDGET
+        out.hidden = next(h for limit, h in table if budget <= limit)
+        # a small corpus does not need (and overfits) a wide model: at most about 8 weights per character
+        while out.hidden > 128 and out.hidden * out.hidden * 8 * out.layers > 8 * train_chars:
             out.hidden //= 2
     if out.dropout is None:
-        epochs = expected_epochs(out, train_chars, budget_s)
+        epochs = expected_epochs(out, train_chars, budget_s, device_type)
         out.dropout = next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit)
     return out
 
@@ -134,11 +148,14 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None) -> Train
 # 2x512 (about 21,000, 10,500 and 6,000 chars/s): a rough speed model, used only to guess how
 # many passes over the corpus a time budget allows.
 REFERENCE_CHAR_PARAMS_PER_S = 2.4e10
-DROPOUT_BY_EPOCHS = [(8, 0.0), (20, 0.1), (float("inf"), 0.2)]  # (expected passes up to, dropout)
+# On a GPU the recurrence is bound by kernel latency, not arithmetic: an H100 trained 2x512 and
+# 2x1024 LSTMs at batch 128 at about the same 1.1M chars/s (README: "On a GPU").
+GPU_CHARS_PER_S = 1.0e6
+DROPOUT_BY_EPOCHS = [(8, 0.0), (20, 0.1), (50, 0.2), (float("inf"), 0.3)]  # (expected passes up to, dropout)
 GATES = {"lstm": 4, "peephole": 4, "coupled": 3, "mlstm": 4, "gru": 3, "rnn": 1}
 
 
-def expected_epochs(cfg: TrainConfig, train_chars: int, budget_s: float | None) -> float:
+def expected_epochs(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu") -> float:
     """About how many passes over the training text the run will make."""
     if cfg.steps is not None:
         return cfg.steps * cfg.batch_size * cfg.seq_len / max(train_chars, 1)
@@ -147,4 +164,5 @@ def expected_epochs(cfg: TrainConfig, train_chars: int, budget_s: float | None) 
     budget = budget_s if budget_s is not None else DEFAULT_TIME_S
     h, e = cfg.hidden, cfg.embed or cfg.hidden
     params = GATES.get(cfg.cell, 4) * h * (e + h + 2) + (cfg.layers - 1) * GATES.get(cfg.cell, 4) * h * (2 * h + 2)
-    return budget * REFERENCE_CHAR_PARAMS_PER_S / max(params, 1) / max(train_chars, 1)
+    chars_per_s = GPU_CHARS_PER_S if device_type == "cuda" else REFERENCE_CHAR_PARAMS_PER_S / max(params, 1)
+    return budget * chars_per_s / max(train_chars, 1)

@@ -139,6 +139,7 @@ class RunState:
     best_step: int | None = None
     lr_scale: float = 1.0  # lowered after a rollback from non-finite values
     rollbacks: int = 0
+    evals_since_best: int = 0  # for --patience
     time_budget_s: float | None = None
     history: list = field(default_factory=list)
 
@@ -251,7 +252,8 @@ class Trainer:
         budget = cfg.time_s
         if cfg.steps is None and cfg.epochs is None and cfg.time_s is None:
             budget = DEFAULT_TIME_S
-        cfg = resolve(cfg, len(train_data), budget if cfg.steps is None and cfg.epochs is None else None)
+        cfg = resolve(cfg, len(train_data), budget if cfg.steps is None and cfg.epochs is None else None,
+                      pick_device(cfg.device).type)
         if init is not None:  # the architecture comes from the checkpoint
             mc = init["model_config"]
             cfg.cell, cfg.layers, cfg.hidden, cfg.embed = mc["cell"], mc["layers"], mc["hidden"], mc["embed"]
@@ -634,6 +636,9 @@ class Trainer:
             if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step >= st.total_steps:
                 # the last evaluation happens in the loop too, so a rollback there trains on
                 last_val = self._eval_and_save(elapsed_base, t_session)
+                if cfg.patience and st.evals_since_best >= cfg.patience and st.step < st.total_steps:
+                    reason = "early stop"
+                    break
         st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
         if reason == "interrupted":
             path = self.save(None)  # a no-op when this step was just evaluated and saved
@@ -644,7 +649,7 @@ class Trainer:
         if st.step != self._last_saved_step:  # a time budget ran out between evaluations
             last_val = self._eval_and_save(elapsed_base, t_session)
         summary = {
-            "reason": reason, "step": st.step, "run_dir": self.run_dir, "val_loss": last_val,
+            "reason": reason, "patience": cfg.patience, "step": st.step, "run_dir": self.run_dir, "val_loss": last_val,
             "best_val_loss": st.best_val_loss, "best_step": st.best_step, "elapsed_s": st.elapsed_s,
             "chars_per_s": st.chars_seen / max(st.train_s, 1e-9), "params": self.model.num_params(),
         }
@@ -661,6 +666,9 @@ class Trainer:
         improved = st.best_val_loss is None or val < st.best_val_loss
         if improved:
             st.best_val_loss, st.best_step = val, st.step
+            st.evals_since_best = 0
+        else:
+            st.evals_since_best += 1
         st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
         rec = {"step": st.step, "elapsed_s": round(st.elapsed_s, 3),
                "chars_per_s": round(st.chars_seen / max(st.train_s, 1e-9), 1),

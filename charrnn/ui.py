@@ -117,6 +117,9 @@ class TrainDisplay:
                  f"Continue with: charrnn train --resume {d['run_dir']}", False)
             return
         best = d.get("best_val_loss")
+        if d["reason"] == "early stop":
+            info(f"stopped early: no better validation loss in the last {d['patience']} evaluations "
+                 "(the model had begun to overfit; --patience 0 trains to the end)", self.quiet)
         best_txt = f"{best:.4f} nats/char ({best / math.log(2):.4f} bpc) at step {d['best_step']}" if best else "-"
         info(f"done: {d['step']} steps in {fmt_duration(d['elapsed_s'])}, {d['chars_per_s']:,.0f} chars/s; "
              f"best val loss {best_txt}", self.quiet)
@@ -239,7 +242,7 @@ def corpora_table(rows: list[dict]) -> None:
 
 
 BENCH_FORMAT = {
-    "train": "{shape}: raw loop {raw_chars_per_s:,.0f} chars/s, charrnn {charrnn_chars_per_s:,.0f} chars/s, "
+    "train": "{shape} on {device}: raw loop {raw_chars_per_s:,.0f} chars/s, charrnn {charrnn_chars_per_s:,.0f} chars/s, "
              "ratio {ratio:.3f}; memory growth over the run {rss_growth_mb:+.1f} MB",
     "sample": "{model} ({weights_mb:.1f} MB of weights): raw LSTMCell loop {raw_chars_per_s:,.0f} chars/s, charrnn "
               "{charrnn_chars_per_s:,.0f} chars/s, ratio {ratio:.2f}; --num {num}: {batched_chars_per_s:,.0f} chars/s "

@@ -106,3 +106,20 @@ def test_schedule_warms_up_and_decays():
     assert lr_at(9, 100, cfg) == pytest.approx(1e-2)
     assert lr_at(100, 100, cfg) == pytest.approx(1e-3)
     assert lr_at(50, 100, cfg) < lr_at(20, 100, cfg)
+
+
+def test_defaults_follow_budget_corpus_and_device():
+    from charrnn.config import resolve
+
+    big = 1_000_000
+    cpu5 = resolve(TrainConfig(), big, 300)
+    assert (cpu5.layers, cpu5.hidden, cpu5.batch_size) == (2, 256, 32)
+    assert resolve(TrainConfig(), big, 3600).hidden == 384
+    assert resolve(TrainConfig(), big, 4 * 3600).hidden == 512
+    assert resolve(TrainConfig(), 20_000, 4 * 3600).hidden < 512  # a tiny corpus gets a narrower model
+    gpu5 = resolve(TrainConfig(), big, 300, "cuda")
+    assert (gpu5.hidden, gpu5.batch_size) == (512, 128)
+    # more passes over the corpus -> more dropout; what the user gave is kept
+    assert resolve(TrainConfig(), big, 300).dropout <= resolve(TrainConfig(), 100_000, 300).dropout
+    mine = resolve(TrainConfig(hidden=64, batch_size=8, dropout=0.3), big, 300, "cuda")
+    assert (mine.hidden, mine.batch_size, mine.dropout) == (64, 8, 0.3)
