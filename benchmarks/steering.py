@@ -41,19 +41,15 @@ def heldout_loss(model, vocab, texts: list[str], labels: list[int], rec: dict | 
     from charrnn import sentiment as sm
 
     ids = torch.tensor([[vocab.stoi["\n"]] + vocab.encode(t) for t in texts])  # (N, L+1), equal lengths
-    hooks = {}
-    if mode != "free":
-        for y in (0, 1):
-            side = ("positive" if y else "negative") if mode == "matched" else ("negative" if y else "positive")
-            hooks[y] = sm.hook_for(model, rec["unit"], rec["clamp"][side], rec["state"], rec["layer"])
+    hook = None
+    if mode != "free":  # each row gets its own label's value (or the opposite one)
+        pos = torch.tensor(labels) == (1 if mode == "matched" else 0)
+        values = torch.where(pos, torch.tensor(float(rec["clamp"]["positive"])), torch.tensor(float(rec["clamp"]["negative"])))
+        hook = sm.hook_for(model, rec["unit"], values, rec["state"], rec["layer"])
     state = model.init_state(len(texts))
-    lab = torch.tensor(labels)
     total, count = 0.0, 0
     for t in range(ids.shape[1] - 1):
-        logits, state = model.step(ids[:, t], state)
-        if hooks:  # rows of each label get their own value
-            s0, s1 = hooks[0](state), hooks[1](state)
-            state = tuple(torch.where(lab.view(1, -1, 1) == 1, b, a) for a, b in zip(s0, s1))
+        logits, state = model.step(ids[:, t], state, hook)
         total += float(torch.nn.functional.cross_entropy(logits, ids[:, t + 1], reduction="sum"))
         count += len(texts)
     return total / count

@@ -134,8 +134,9 @@ def show(
     rec = None
     if neuron is None:
         rec = sm.get_record(ck)
-        unit, layer, which = rec["unit"], rec["layer"], state.value if state else rec["state"]
-        if which != rec["state"]:
+        shown = rec["state"].split("+")[0]  # a bound unit's 'c+h' record holds c's values
+        unit, layer, which = rec["unit"], rec["layer"], state.value if state else shown
+        if which != shown:
             rec = None  # its clamp values are for the other state
     else:
         unit, layer, which = neuron, model.config.layers - 1, state.value if state else sm.default_state(model)

@@ -6,12 +6,17 @@ and the length of the run (see the README's "How the defaults were chosen").
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 
 from charrnn.errors import UsageError
 
 DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
+# Peak learning rate of a 256-unit model, smaller for wider ones by sqrt(256 / hidden) (the usual
+# Adam rule of thumb for width). On tiny Shakespeare, 5 minutes, 2x256: 5e-3 reached 1.5022 nats/char
+# and 3e-3 1.5053 (README: "How the defaults were chosen").
+BASE_LR = 5e-3
 DEFAULT_PATIENCE = 5  # evaluations without a new best before a time-budget run stops early
 
 
@@ -26,7 +31,7 @@ class TrainConfig:
     # optimisation
     seq_len: int = 128  # characters per truncated-BPTT window
     batch_size: int | None = None  # parallel contiguous streams of the corpus; None: 32 on a CPU, 128 on a GPU
-    lr: float = 3e-3  # peak Adam learning rate
+    lr: float | None = None  # peak Adam learning rate; None: BASE_LR scaled by sqrt(256 / hidden)
     min_lr_frac: float = 0.05  # the cosine schedule ends at lr * min_lr_frac
     warmup_steps: int = 50  # linear warm-up from 0
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables it
@@ -49,8 +54,9 @@ class TrainConfig:
     # sentiment binding (train --sentiment-unit; see charrnn/sentiment.py Binding)
     sentiment_unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
     sentiment_weight: float = 1.0  # weight of the unit's logistic loss beside the language-model loss
-    sentiment_clamp_frac: float = 0.25  # share of reviews whose unit is set to the label at each chunk start
-    sentiment_clamp: float = 2.0  # the cell-state value set there (+ positive, - negative; h gets tanh of it)
+    sentiment_clamp_frac: float = 0.5  # share of reviews whose unit is fixed to the label at every character
+    sentiment_contrast: float = 1.0  # weight of the generative-classifier loss on forced reviews; 0: off
+    sentiment_clamp: float = 2.0  # the cell-state value fixed there (+ positive, - negative; h gets tanh of it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +95,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--embed must be 0 (same as --hidden) or more (got {cfg.embed})")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
-    if not cfg.lr > 0:
+    if cfg.lr is not None and not cfg.lr > 0:
         raise UsageError(f"--lr must be above 0 (got {cfg.lr})")
     if cfg.grad_clip < 0:
         raise UsageError(f"--grad-clip must be 0 (off) or more (got {cfg.grad_clip})")
@@ -103,7 +109,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--patience must be 0 (never stop early) or more (got {cfg.patience})")
     if cfg.keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
-    if cfg.sentiment_weight < 0 or not 0.0 <= cfg.sentiment_clamp_frac <= 1.0 or cfg.sentiment_clamp <= 0:
+    if cfg.sentiment_weight < 0 or cfg.sentiment_contrast < 0 or not 0.0 <= cfg.sentiment_clamp_frac <= 1.0 or cfg.sentiment_clamp <= 0:
         raise UsageError("sentiment binding needs weight >= 0, clamp fraction in [0, 1] and clamp value > 0")
     if cfg.encoding_errors not in ("strict", "replace"):
         raise UsageError("--encoding-errors must be 'strict' or 'replace'")
@@ -138,6 +144,8 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
         # a small corpus does not need (and overfits) a wide model: at most about 8 weights per character
         while out.hidden > 128 and out.hidden * out.hidden * 8 * out.layers > 8 * train_chars:
             out.hidden //= 2
+    if out.lr is None:
+        out.lr = round(min(BASE_LR, BASE_LR * math.sqrt(256 / out.hidden)), 6)
     if out.dropout is None:
         epochs = expected_epochs(out, train_chars, budget_s, device_type)
         out.dropout = next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit)

@@ -17,9 +17,12 @@ cells too, through the same equations on their own weights) and calls
 `hook(layer, t, state) -> state` after each step t of each layer, where `state` is that layer's
 tuple of (B, H) tensors ((h, c) or (h,)). Return it unchanged, or edited (e.g. one unit of the
 top layer's c fixed to a value: `if layer == top: c = c.clone(); c[:, k] = v`); what it returns is
-what the next step sees. Layers run bottom to top, each over the whole sequence. `charrnn
-gradients` uses the hook to reach every hidden state; sampling (`step`) has its own hook in
-sample.py.
+what the next step sees. Layers run bottom to top, each over the whole sequence. A hook with an
+attribute `first_layer = k` promises to leave layers below k alone: those then run on the fused
+kernel (the sentiment binding hooks only the top layer, and trains at close to full speed).
+`charrnn gradients` uses the hook to reach every hidden state; `step(idx, state, hook)` calls the
+same hook (with t = 0) after each layer of a single step, so sampling with a fixed unit sees
+exactly what training with it saw.
 """
 
 from __future__ import annotations
@@ -239,9 +242,29 @@ class CharRNN(nn.Module):
         out, h = self.rnn(x, state[0])
         return out, (h,)
 
+    def _run_fused_layers(self, x: torch.Tensor, state: State, n: int) -> tuple[torch.Tensor, list[LayerState]]:
+        """The bottom n layers of a fused model on the fused kernel; their final states, per layer."""
+        c = self.config
+        params = []
+        for layer in range(n):
+            params += [getattr(self.rnn, f"{w}_l{layer}") for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        drop = c.dropout if n > 1 else 0.0
+        args = (params, True, n, drop, self.training, False, True)
+        if c.cell == "lstm":
+            out, h, cs = torch.lstm(x, (state[0][:n].contiguous(), state[1][:n].contiguous()), *args)
+            return out, [(h[i], cs[i]) for i in range(n)]
+        fn = torch.gru if c.cell == "gru" else torch.rnn_tanh
+        out, h = fn(x, state[0][:n].contiguous(), *args)
+        return out, [(h[i],) for i in range(n)]
+
     def _run_steps(self, x: torch.Tensor, state: State, hook: Hook | None) -> tuple[torch.Tensor, State]:
         finals = []
+        first = min(getattr(hook, "first_layer", 0), self.config.layers) if self.fused else 0
+        if first > 0:
+            x, finals = self._run_fused_layers(x, state, first)
         for layer, cell in enumerate(self.layer_cells()):
+            if layer < first:
+                continue
             if layer > 0:
                 x = self.drop(x)  # between layers, as nn.LSTM's dropout
             xp = cell.in_proj(x)  # (B, T, G): every step's input projection in one matmul
@@ -280,11 +303,12 @@ class CharRNN(nn.Module):
 
     # ------------------------------------------------------------ one step at a time (sampling)
 
-    def step(self, idx: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def step(self, idx: torch.Tensor, state: State, hook: Hook | None = None) -> tuple[torch.Tensor, State]:
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
 
         Fused cells use the single-step kernels directly; on CPU a one-step call of the fused
-        nn.LSTM re-lays its weights every time and is several times slower.
+        nn.LSTM re-lays its weights every time and is several times slower. `hook(layer, 0, state)`,
+        if given, edits each layer's new state before the layer above (and the head) reads it.
         """
         c = self.config
         x = self.embedding(idx)  # (B, E)
@@ -292,6 +316,8 @@ class CharRNN(nn.Module):
             finals = []
             for layer, cell in enumerate(self.cells):
                 finals.append(cell.step(cell.in_proj(x), tuple(s[layer] for s in state)))
+                if hook is not None:
+                    finals[-1] = hook(layer, 0, finals[-1])
                 x = finals[-1][0]
             return self.head(x), tuple(torch.stack(parts) for parts in zip(*finals))
         hs, cs = [], []
@@ -308,6 +334,11 @@ class CharRNN(nn.Module):
                 h = torch.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh)
             else:
                 h = torch.rnn_tanh_cell(x, h, w_ih, w_hh, b_ih, b_hh)
+            if hook is not None:
+                fixed = hook(layer, 0, (h, cs[-1]) if c.cell == "lstm" else (h,))
+                h = fixed[0]
+                if c.cell == "lstm":
+                    cs[-1] = fixed[1]
             hs.append(h)
             x = h
         new_state = (torch.stack(hs),) + ((torch.stack(cs),) if cs else ())

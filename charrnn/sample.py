@@ -96,8 +96,8 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
     """Generate `cfg.num` samples; each starts with the prime (unknown characters already removed).
 
     `on_chars` receives the newly generated character of every sample at each step, so the
-    caller can stream them. `hook(state) -> state`, if given, may edit the recurrent state after
-    every step (used to fix a unit's value). Returns the full texts, prime included.
+    caller can stream them. `hook(layer, t, state) -> state`, if given, may edit each layer's state
+    at every step before the layers above read it (used to fix a unit's value; see charrnn/model.py). Returns the full texts, prime included.
     """
     validate(cfg)
     model.eval()
@@ -113,9 +113,7 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
     logits = None
     for i in ids:  # feed the prime one character at a time, so a hook sees every step
         x = torch.full((cfg.num,), i, dtype=torch.long, device=device)
-        logits, state = model.step(x, state)
-        if hook is not None:
-            state = hook(state)
+        logits, state = model.step(x, state, hook)
     out = [[] for _ in range(cfg.num)]
     for _ in range(cfg.length):
         nxt = pick(logits.cpu(), cfg, gen)  # sampling on CPU keeps seeds portable across devices
@@ -124,7 +122,5 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
             buf.append(ch)
         if on_chars is not None:
             on_chars(chars)
-        logits, state = model.step(nxt.to(device), state)
-        if hook is not None:
-            state = hook(state)
+        logits, state = model.step(nxt.to(device), state, hook)
     return [prime + "".join(buf) for buf in out]

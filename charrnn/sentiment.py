@@ -306,29 +306,44 @@ def get_record(ck: dict) -> dict:
     return rec
 
 
-def clamp_hook(unit: int, value: float, state_index: int, layer: int = -1):
-    """hook(state) -> state that fixes one unit of one state part (h or c) of one layer, every step."""
+def clamp_hook(unit: int, fix: dict, layer: int):
+    """A model hook (`hook(layer, t, state) -> state`, see charrnn/model.py) that fixes one unit of
+    one layer at every step. `fix` maps a state part's index (0 = h, 1 = c) to its value: a number,
+    or a (B,) tensor with one value per sequence. Layers below `layer` are left alone (and so may
+    run on the fused kernel)."""
 
-    def hook(state):
+    def hook(l: int, t: int, state):
+        if l != layer:
+            return state
         parts = list(state)
-        s = parts[state_index].clone()
-        s[layer, :, unit] = value
-        parts[state_index] = s
+        for i, v in fix.items():
+            s = parts[i]
+            col = v.to(s.device, s.dtype).view(-1, 1) if torch.is_tensor(v) else s.new_full((s.shape[0], 1), v)
+            parts[i] = torch.cat([s[:, :unit], col, s[:, unit + 1 :]], 1)  # no in-place write: autograd-safe
         return tuple(parts)
 
+    hook.first_layer = layer
     return hook
 
 
-def hook_for(model, unit: int, value: float, state: str, layer: int = -1):
+def hook_for(model, unit: int, value, state: str, layer: int = -1):
+    """The hook that fixes `unit` of `layer` to `value` on `state`: 'h', 'c', or 'c+h' (c at value and
+    h at tanh(value): the unit as if its output gate were open, as `train --sentiment-unit` fixes it)."""
     names = state_names(model)
-    if state not in names:
-        raise UsageError(f"this {model.config.cell} model has no '{state}' state; use --state {names[0]}")
+    parts = state.split("+")
+    for part in parts:
+        if part not in names:
+            raise UsageError(f"this {model.config.cell} model has no '{part}' state; use --state {names[0]}")
     hidden, layers = model.config.hidden, model.config.layers
     if not 0 <= unit < hidden:
         raise UsageError(f"--neuron {unit} is out of range; this model has {hidden} units per layer")
     if not -layers <= layer < layers:
         raise UsageError(f"layer {layer} is out of range; this model has {layers} layers")
-    return clamp_hook(unit, value, names.index(state), layer)
+    fix = {}
+    for part in parts:
+        squash = part == "h" and len(parts) > 1
+        fix[names.index(part)] = (value.tanh() if torch.is_tensor(value) else math.tanh(value)) if squash else value
+    return clamp_hook(unit, fix, layer % layers)
 
 
 # ---------------------------------------------------------------- binding during training
@@ -365,15 +380,19 @@ def char_labels(paths, total: int, forced_frac: float = 0.0, seed: int = 0) -> t
 class Binding:
     """Ties unit BOUND_UNIT of the top layer to the labels while the language model trains.
 
-    The Trainer calls `before_step(step, carry)` right before the forward pass and adds
-    `extra_loss()` to the language-model loss. Reviews are split (seeded) into two kinds:
-    - forced reviews (`sentiment_clamp_frac` of them): at every chunk start inside one, the carried
-      state's unit (c and h) is set to the label's value, so the rest of the network learns that
-      the unit's value predicts the words;
+    The Trainer calls `before_step(step, carry)` before the forward pass, runs the model with
+    `hook`, and adds `extra_loss()` to the language-model loss. Reviews are split (seeded) into:
+    - forced reviews (`sentiment_clamp_frac` of them): at every character of one, the unit is fixed
+      to the label's value, c = +-clamp and h = +-tanh(clamp), by a model hook on the top layer:
+      exactly what `sample --sentiment` does, so the rest of the network learns to write what the
+      fixed value says. Fixing h too keeps the unit visible when its output gate would close;
+      Forced rows also run a second time with the opposite value, and a generative-classifier loss
+      (`sentiment_contrast`) asks their text to be likelier under its own label than under the
+      other: without it the network learns to ignore the unit (measured, README);
     - free reviews: a logistic loss on the unit's top-layer output h at each of their characters
       (logit = LOGIT_SCALE * h), so the unit learns to read sentiment from text. Free reviews are
-      never forced, so the unit cannot pass the loss by holding a value forced earlier in the same
-      review (a first design that forced random chunks did exactly that: see docs/readme_sentiment.md).
+      never forced, so the unit cannot pass the loss by holding a forced value.
+    Only the top layer runs step by step (the layers below stay on the fused kernel).
     The checkpoint's "sentiment" entry (updated in `trainer.extra` every step) holds the forced
     values as clamp values, and the unit's observed values at chunk ends of free reviews.
     """
@@ -386,10 +405,19 @@ class Binding:
         train_labels, _ = split(labels, cfg.val_frac)
         self.batcher = StreamBatcher(train_labels, cfg.batch_size, cfg.seq_len)
         self.names = state_names(self.model)
-        self.state = default_state(self.model)
+        self.state = "c+h" if "c" in self.names else "h"
+        self.top = self.model.config.layers - 1
         self._out = None
         self._labels = None
         self._free = None
+        self._forced_steps: list[bool] = []
+        self._forced = self._values = None
+
+        def hook(layer: int, t: int, state):
+            return self._fix(layer, t, state)
+
+        hook.first_layer = self.top  # the layers below run on the fused kernel
+        self.hook = hook
         self.model.head.register_forward_pre_hook(self._grab)
         old = self.extra.get("sentiment") or {}
         obs = old.get("observed") if old.get("source") == "bind" else None
@@ -406,41 +434,72 @@ class Binding:
         if module.training:
             self._out = args[0]  # (B, T, H): the top layer's output, the input of the head
 
-    def _targets(self, labels: torch.Tensor, dtype, device) -> dict[str, torch.Tensor]:
-        sign = labels.to(dtype).mul(2).sub(1).to(device)  # 0/1 -> -1/+1
-        c = self.cfg.sentiment_clamp
-        return {"c": sign * c, "h": sign * math.tanh(c)}
-
     def before_step(self, step: int, carry):
         lab, _, _ = self.batcher.get(step)  # (B, T) codes of the input characters
         self._labels = lab
-        forced = lab[:, 0] >= 2  # streams inside a forced review at this chunk start
-        self._free = ~forced
-        if not forced.any():
-            return carry
+        forced = lab >= 2  # (B, T): characters of forced reviews
+        self._free = ~forced[:, -1]
+        self._forced_steps = forced.any(0).tolist()
         device = carry[0].device
-        targets = self._targets(lab[:, 0] % 2, carry[0].dtype, device)
-        rows = forced.to(device)
-        parts = list(carry)
+        self._forced = forced.t().contiguous().to(device)  # (T, B)
+        self._values = (lab.t() % 2).to(device=device, dtype=carry[0].dtype).mul(2).sub(1) * self.cfg.sentiment_clamp
+        return carry
+
+    def _fix(self, layer: int, t: int, state):
+        """Fix the unit on the rows inside a forced review at step t (c to the value, h to its tanh)."""
+        if layer != self.top or not self._forced_steps[t]:
+            return state
+        rows, v = self._forced[t], self._values[t]
+        parts = list(state)
         for i, name in enumerate(self.names):
-            s = parts[i].clone()
-            s[-1, :, BOUND_UNIT] = torch.where(rows, targets[name], s[-1, :, BOUND_UNIT])
-            parts[i] = s
+            s = parts[i]
+            target = v if name == "c" else torch.tanh(v)
+            col = torch.where(rows, target.to(s.dtype), s[:, BOUND_UNIT]).unsqueeze(1)
+            parts[i] = torch.cat([s[:, :BOUND_UNIT], col, s[:, BOUND_UNIT + 1 :]], 1)
         return tuple(parts)
 
-    def extra_loss(self, carry) -> torch.Tensor:
+    def extra_loss(self, carry, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
+        """The binding's terms beside the language-model loss (see the class docstring)."""
         lab = self._labels.to(self._out.device)
         known = (lab == 0) | (lab == 1)  # characters of free reviews
         self._observe(carry)
-        if not known.any():
-            return self._out.new_zeros(())
-        h = self._out[..., BOUND_UNIT].float()  # (B, T)
-        loss = F.binary_cross_entropy_with_logits(LOGIT_SCALE * h[known], lab[known].float())
-        return self.cfg.sentiment_weight * loss
+        total = self._out.new_zeros((), dtype=torch.float32)
+        if known.any():
+            h = self._out[..., BOUND_UNIT].float()  # (B, T)
+            total = total + self.cfg.sentiment_weight * F.binary_cross_entropy_with_logits(
+                LOGIT_SCALE * h[known], lab[known].float())
+        if self.cfg.sentiment_contrast > 0:
+            total = total + self.cfg.sentiment_contrast * self._contrast(x, y, carry_in, logits)
+        return total
+
+    def _contrast(self, x, y, carry_in, logits) -> torch.Tensor:
+        """Generative-classifier loss on forced reviews: -log sigmoid(sum_t log p(x_t | label) - log p(x_t | opposite)).
+
+        The rows inside a forced review run a second time with the unit fixed to the opposite value;
+        the loss asks the text to be more likely under its own label than under the other, so the
+        rest of the network must make the unit's value change what it writes."""
+        forced = self._forced.t()  # (B, T)
+        rows = forced.any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return logits.new_zeros((), dtype=torch.float32)
+        main = (self._forced, self._values, self._forced_steps, self._out)
+        self._forced, self._values = main[0][:, rows], -main[1][:, rows]
+        self._forced_steps = self._forced.any(1).tolist()
+        try:
+            other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=self.hook)
+        finally:
+            self._forced, self._values, self._forced_steps, self._out = main
+        mask = forced[rows].float()
+        vocab = logits.shape[-1]
+        own = -F.cross_entropy(logits[rows].float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
+        opp = -F.cross_entropy(other.float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
+        d = ((own - opp).view(len(rows), -1) * mask).sum(1)  # log-likelihood ratio of each row's forced text
+        return F.softplus(-d).mean()
 
     def _observe(self, carry) -> None:
-        """Keep the unit's chunk-end value on free streams, by the label there, for the clamp values."""
-        v = carry[self.names.index(self.state)][-1, :, BOUND_UNIT].detach().float().cpu()
+        """Keep the unit's chunk-end value (c, or h without a cell state) on free streams, by label."""
+        part = self.names.index("c") if "c" in self.names else 0
+        v = carry[part][-1, :, BOUND_UNIT].detach().float().cpu()
         last = self._labels[:, -1]
         for name, y in (("positive", 1), ("negative", 0)):
             sel = v[(last == y) & self._free]
@@ -452,16 +511,16 @@ class Binding:
 
     def _update_record(self) -> None:
         # The clamp values of a bound unit are the values training forced (what the network learned
-        # to read); steering with them beat the observed 90th/10th percentiles, which are kept too.
+        # to read); the observed 10th/90th percentiles of the free unit are kept beside them.
         pos, neg = self.observed["positive"], self.observed["negative"]
         c = self.cfg.sentiment_clamp
-        v = c if self.state == "c" else math.tanh(c)
+        v = c if "c" in self.names else math.tanh(c)
         observed = None
         if len(pos) >= 8 and len(neg) >= 8:
             vals = torch.tensor(pos + neg)
             observed = clamp_values(vals, torch.tensor([1] * len(pos) + [0] * len(neg)), 1)
         self.extra["sentiment"] = {
-            "unit": BOUND_UNIT, "layer": self.model.config.layers - 1, "state": self.state, "polarity": 1,
+            "unit": BOUND_UNIT, "layer": self.top, "state": self.state, "polarity": 1,
             "clamp": {"positive": v, "negative": -v}, "observed_clamp": observed, "source": "bind",
             "train_clamp": c, "observed": {"positive": list(pos), "negative": list(neg)},
         }

@@ -207,7 +207,7 @@ class Trainer:
         self.carry = model.init_state(self.local_batch, device)
         self.extra: dict = {}  # other checkpoint fields carried along (e.g. a sentiment unit)
         # Extension point: an object with before_step(step, carry) -> carry (called right before the
-        # forward pass) and extra_loss(carry) -> tensor (added to the objective, not to the reported loss).
+        # forward pass) and extra_loss(carry, x, y, carry_in, logits) -> tensor (added to the objective, not to the reported loss).
         # Used by `train --sentiment-unit` (charrnn.sentiment.Binding); None in plain runs.
         self.binding = None
         self._stop_signal: int | None = None
@@ -503,8 +503,9 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             if self.binding is not None:
                 self.carry = self.binding.before_step(st.step, self.carry)
-            _, loss, carry = self.net(x, y, self.carry)
-            objective = loss if self.binding is None else loss + self.binding.extra_loss(carry)
+            hook = None if self.binding is None else self.binding.hook
+            logits, loss, carry = self.net(x, y, self.carry, hook=hook)
+            objective = loss if self.binding is None else loss + self.binding.extra_loss(carry, x, y, self.carry, logits)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(objective).backward()

@@ -36,6 +36,8 @@ def test_bench_big_corpus_second_run_uses_cache(tmp_path):
 def test_bench_rejects_unknown_section():
     r = run_cli("bench", "--sections", "everything")
     assert r.exit_code == 2 and "unknown --sections" in r.stderr
+    r = run_cli("bench", "--sections", "train", "--device", "tpu")
+    assert r.exit_code == 2 and "--device" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_processes_compares_against_one_process(tmp_path):

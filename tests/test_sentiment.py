@@ -119,7 +119,7 @@ def test_l1_sparsity_grows_with_strength():
 def test_bound_unit_reads_sentiment_and_find_stores_it(bound, tmp_path):
     ck = ckm.load(ckm.resolve(bound["run"]))
     rec = ck["sentiment"]
-    assert rec["source"] == "bind" and rec["unit"] == sm.BOUND_UNIT and rec["state"] == "c"
+    assert rec["source"] == "bind" and rec["unit"] == sm.BOUND_UNIT and rec["state"] == "c+h"
     assert rec["clamp"]["positive"] > rec["clamp"]["negative"]
     out = tmp_path / "found.pt"
     r = run_cli("neuron", "find", bound["run"], bound["train"], "--test", bound["test"], "--neuron", "0",
@@ -133,6 +133,26 @@ def test_bound_unit_reads_sentiment_and_find_stores_it(bound, tmp_path):
     r = run_cli("neuron", "find", bound["run"], bound["train"], "--no-save")
     assert r.exit_code == 0, r.stderr
     assert "single-unit accuracy" in r.stderr and "all-units accuracy" in r.stderr
+
+
+def test_bound_unit_changes_what_the_model_expects(bound):
+    """Text is likelier with the unit fixed to its own label than to the opposite one."""
+    model, vocab, ck = ckm.load_model(bound["run"])
+    rec = ck["sentiment"]
+    rng = random.Random(5)
+    labels = [i % 2 for i in range(40)]
+    texts = [review(rng, y)[:40] for y in labels]
+    texts = [t.ljust(40, " ") for t in texts]
+    ids = torch.tensor([[vocab.stoi["\n"]] + vocab.encode(t) for t in texts])
+    losses = {}
+    for mode in ("matched", "opposite"):
+        pos = torch.tensor(labels) == (1 if mode == "matched" else 0)
+        values = torch.where(pos, torch.tensor(rec["clamp"]["positive"]), torch.tensor(rec["clamp"]["negative"]))
+        hook = sm.hook_for(model, rec["unit"], values, rec["state"], rec["layer"])
+        with torch.no_grad():
+            _, loss, _ = model(ids[:, :-1], ids[:, 1:], hook=hook)
+        losses[mode] = loss.item()
+    assert losses["matched"] < losses["opposite"] - 0.01, losses
 
 
 def test_binding_resume_is_exact(tmp_path):
@@ -155,6 +175,24 @@ def test_binding_resume_is_exact(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_binding_fixes_the_unit_at_every_character_of_a_forced_review(tmp_path):
+    from charrnn.config import TrainConfig
+
+    tsv = write_tsv(tmp_path / "r.tsv", 300)
+    cfg = TrainConfig(hidden=16, layers=2, seq_len=24, batch_size=8, steps=1, sentiment_unit=True, threads=1)
+    tr = Trainer.new([tsv], cfg, run_dir=tmp_path / "run")
+    b = tr.binding
+    x, y, _ = tr.batcher.get(0)
+    carry = b.before_step(0, tr.model.init_state(8))
+    tr.model(x, y, carry, hook=b.hook)  # the head's input is recorded by the binding
+    lab, h = b._labels, b._out[..., sm.BOUND_UNIT].detach()
+    forced = lab >= 2
+    assert forced.any() and ((lab == 0) | (lab == 1)).any()
+    want = torch.tanh(((lab % 2) * 2 - 1).float() * cfg.sentiment_clamp)
+    assert torch.allclose(h[forced], want[forced])  # fixed at every character, not only at chunk starts
+    assert not torch.allclose(h[~forced].abs(), torch.full_like(h[~forced], math.tanh(cfg.sentiment_clamp)))
+
+
 def test_sentiment_unit_needs_labels(tmp_path, corpus):
     from conftest import TINY
 
@@ -174,9 +212,10 @@ def test_clamp_hook_holds_the_unit_every_step():
     hook = sm.hook_for(model, unit=5, value=1.5, state="c", layer=-1)
     seen = []
 
-    def spy(state):
-        state = hook(state)
-        seen.append(state[1][-1, :, 5].clone())
+    def spy(layer, t, state):
+        state = hook(layer, t, state)
+        if layer == 1:
+            seen.append(state[1][:, 5].clone())
         return state
 
     cfg = SampleConfig(length=30, prime="ab", seed=3, num=2)
@@ -184,6 +223,12 @@ def test_clamp_hook_holds_the_unit_every_step():
     assert len(seen) == 32 and all(torch.all(v == 1.5) for v in seen)
     free = generate(model, vocab, cfg)
     assert fixed != free
+    # 'c+h' fixes c at the value and h at its tanh, before the head reads h
+    both = sm.hook_for(model, unit=5, value=1.5, state="c+h", layer=-1)
+    h, c = both(1, 0, (torch.zeros(2, 16), torch.zeros(2, 16)))
+    assert torch.all(c[:, 5] == 1.5) and torch.allclose(h[:, 5], torch.tensor(math.tanh(1.5)))
+    assert torch.all(h[:, :5] == 0) and torch.all(c[:, 6:] == 0)
+    assert generate(model, vocab, cfg, hook=both) != fixed
     gru = CharRNN(ModelConfig(len(vocab), "gru", 1, 8, 0, 0.0))
     assert sm.default_state(gru) == "h"
     with pytest.raises(Exception, match="no 'c' state"):

@@ -113,9 +113,11 @@ def test_defaults_follow_budget_corpus_and_device():
 
     big = 1_000_000
     cpu5 = resolve(TrainConfig(), big, 300)
-    assert (cpu5.layers, cpu5.hidden, cpu5.batch_size) == (2, 256, 32)
+    assert (cpu5.layers, cpu5.hidden, cpu5.batch_size, cpu5.lr, cpu5.patience) == (2, 256, 32, 5e-3, 5)
+    assert resolve(TrainConfig(steps=100), big, None).patience == 0  # an exact length is not cut short
     assert resolve(TrainConfig(), big, 3600).hidden == 384
     assert resolve(TrainConfig(), big, 4 * 3600).hidden == 512
+    assert resolve(TrainConfig(), big, 4 * 3600).lr < 5e-3  # wider models get a smaller step
     assert resolve(TrainConfig(), 20_000, 4 * 3600).hidden < 512  # a tiny corpus gets a narrower model
     gpu5 = resolve(TrainConfig(), big, 300, "cuda")
     assert (gpu5.hidden, gpu5.batch_size) == (512, 128)
