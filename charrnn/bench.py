@@ -211,8 +211,11 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
     torch.manual_seed(0)
     vocab = Vocab.from_text_chars(synthetic_text(5000))
     model = CharRNN(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=layers, hidden=hidden)).eval()
-    raw = statistics.median(raw_sample_cps(model, length) for _ in range(3))
-    one = statistics.median(charrnn_sample_cps(model, vocab, length) for _ in range(3))
+    raws, ones = [], []
+    for _ in range(5):  # alternated, so a slow spell of the machine hits both sides alike
+        raws.append(raw_sample_cps(model, length))
+        ones.append(charrnn_sample_cps(model, vocab, length))
+    raw, one = statistics.median(raws), statistics.median(ones)
     many = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "step_00000000.pt"
@@ -343,7 +346,13 @@ def bench_processes(report: Report, hidden: int, steps: int, folder: Path) -> li
         run = folder / f"ddp-run-{len(rows)}"
         shutil.rmtree(run, ignore_errors=True)
         env = dict(os.environ, OMP_NUM_THREADS=threads)
-        subprocess.run([*cmd, "--run-dir", str(run)], check=True, env=env, capture_output=True)
+        done = subprocess.run([*cmd, "--run-dir", str(run)], env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            from charrnn.errors import CharRNNError
+
+            log = folder / f"ddp-run-{len(rows)}.stderr.txt"
+            log.write_text(done.stderr)
+            raise CharRNNError(f"bench processes: '{name}' exited {done.returncode}; its output is in {log}")
         lines = [_json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
         cps = [l["chars_per_s"] for l in lines if "chars_per_s" in l][-1]
         base = base or cps

@@ -103,6 +103,10 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
+            try:  # every rank reaches the end before any tears its sockets down: a rank that leaves
+                dist.barrier()  # while another still talks to it makes gloo abort the other (SIGABRT)
+            except Exception:
+                pass  # the group is already broken (a rank died): nothing left to wait for
             dist.destroy_process_group()
 
 

@@ -473,7 +473,7 @@ class Binding:
         return total
 
     def _contrast(self, x, y, carry_in, logits) -> torch.Tensor:
-        """Generative-classifier loss on forced reviews: -log sigmoid(sum_t log p(x_t | label) - log p(x_t | opposite)).
+        """Generative-classifier loss on forced reviews: -log sigmoid(mean_t log p(x_t | label) - log p(x_t | opposite)).
 
         The rows inside a forced review run a second time with the unit fixed to the opposite value;
         the loss asks the text to be more likely under its own label than under the other, so the
@@ -493,7 +493,10 @@ class Binding:
         vocab = logits.shape[-1]
         own = -F.cross_entropy(logits[rows].float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
         opp = -F.cross_entropy(other.float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
-        d = ((own - opp).view(len(rows), -1) * mask).sum(1)  # log-likelihood ratio of each row's forced text
+        # the mean log-likelihood ratio per forced character: a sum over the chunk made this term's
+        # gradient dwarf the language model's under the global norm clip (measured: val loss 2.28
+        # instead of 1.84 after 330 steps)
+        d = ((own - opp).view(len(rows), -1) * mask).sum(1) / mask.sum(1).clamp(min=1)
         return F.softplus(-d).mean()
 
     def _observe(self, carry) -> None:

@@ -250,7 +250,7 @@ BENCH_FORMAT = {
     "startup": "{command}: {seconds:.3f} s",
     "processes": "{setup}: {chars_per_s:,.0f} chars/s ({ratio:.2f}x one process with one thread), "
                  "val loss {val_loss:.4f}",
-    "big": "{corpus_mb} MB corpus, {run}: exit {exit_code}, first steps done after {first_step_s} s, "
+    "big": "{corpus_mb} MB corpus, {run}: exit {exit_code}, first steps done after {first_step_txt} s, "
            "total {total_s:.1f} s, peak RSS {peak_rss_mb:,.0f} MB",
     "quality": "train {corpus} --time {budget}: best val loss {best_val_loss:.4f} nats/char "
                "({best_val_bpc:.4f} bpc) after {steps} steps, {wall_s:.0f} s wall",
@@ -258,7 +258,10 @@ BENCH_FORMAT = {
 
 
 def bench_row(section: str, row: dict) -> None:
-    info(f"[{section}] " + BENCH_FORMAT[section].format(**row))
+    extra = {}
+    if section == "big":
+        extra["first_step_txt"] = "-" if row.get("first_step_s") is None else f"{row['first_step_s']:.1f}"
+    info(f"[{section}] " + BENCH_FORMAT[section].format(**row, **extra))
 
 
 SPARK = "▁▂▃▄▅▆▇█"
