@@ -84,7 +84,7 @@ def train(
     hidden: Annotated[Optional[int], typer.Option(min=1, help="Units per layer \\[default: chosen from the time budget and corpus].", show_default=False)] = None,
     embed: Annotated[int, typer.Option(min=0, help="Embedding width; 0 = same as --hidden.")] = 0,
     dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout \\[default: from the expected passes over the corpus: 0 to 0.3].", show_default=False)] = None,
-    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per backprop-through-time window \\[default: 128].", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per backprop-through-time window \\[default: 64 on a CPU, 128 on a GPU].", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32 on a CPU, 128 on CUDA].", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 5e-3 at 256 units, times sqrt(256/hidden)].", show_default=False)] = None,
     grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Global gradient-norm clip, 0 = off \\[default: 1.0].", show_default=False)] = None,

@@ -114,6 +114,7 @@ def test_defaults_follow_budget_corpus_and_device():
     big = 1_000_000
     cpu5 = resolve(TrainConfig(), big, 300)
     assert (cpu5.layers, cpu5.hidden, cpu5.batch_size, cpu5.lr, cpu5.patience) == (2, 256, 32, 5e-3, 5)
+    assert cpu5.seq_len == 64 and resolve(TrainConfig(), big, 300, "cuda").seq_len == 128
     assert resolve(TrainConfig(steps=100), big, None).patience == 0  # an exact length is not cut short
     assert resolve(TrainConfig(), big, 3600).hidden == 384
     assert resolve(TrainConfig(), big, 4 * 3600).hidden == 512
