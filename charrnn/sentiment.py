@@ -306,6 +306,11 @@ def get_record(ck: dict) -> dict:
     return rec
 
 
+def set_unit(s: torch.Tensor, unit: int, col: torch.Tensor) -> torch.Tensor:
+    """s (B, H) with column `unit` replaced by col (B,), written out of place so autograd sees it."""
+    return torch.cat([s[:, :unit], col.view(-1, 1), s[:, unit + 1 :]], 1)
+
+
 def clamp_hook(unit: int, fix: dict, layer: int):
     """A model hook (`hook(layer, t, state) -> state`, see charrnn/model.py) that fixes one unit of
     one layer at every step. `fix` maps a state part's index (0 = h, 1 = c) to its value: a number,
@@ -318,8 +323,8 @@ def clamp_hook(unit: int, fix: dict, layer: int):
         parts = list(state)
         for i, v in fix.items():
             s = parts[i]
-            col = v.to(s.device, s.dtype).view(-1, 1) if torch.is_tensor(v) else s.new_full((s.shape[0], 1), v)
-            parts[i] = torch.cat([s[:, :unit], col, s[:, unit + 1 :]], 1)  # no in-place write: autograd-safe
+            col = v.to(s.device, s.dtype) if torch.is_tensor(v) else s.new_full((s.shape[0],), v)
+            parts[i] = set_unit(s, unit, col)
         return tuple(parts)
 
     hook.first_layer = layer
@@ -410,14 +415,8 @@ class Binding:
         self._out = None
         self._labels = None
         self._free = None
-        self._forced_steps: list[bool] = []
-        self._forced = self._values = None
-
-        def hook(layer: int, t: int, state):
-            return self._fix(layer, t, state)
-
-        hook.first_layer = self.top  # the layers below run on the fused kernel
-        self.hook = hook
+        self._forced = self._values = None  # (T, B) of the current step: forced characters, their values
+        self.hook = None  # the model hook for the current step, set by before_step
         self.model.head.register_forward_pre_hook(self._grab)
         old = self.extra.get("sentiment") or {}
         obs = old.get("observed") if old.get("source") == "bind" else None
@@ -439,24 +438,28 @@ class Binding:
         self._labels = lab
         forced = lab >= 2  # (B, T): characters of forced reviews
         self._free = ~forced[:, -1]
-        self._forced_steps = forced.any(0).tolist()
         device = carry[0].device
         self._forced = forced.t().contiguous().to(device)  # (T, B)
         self._values = (lab.t() % 2).to(device=device, dtype=carry[0].dtype).mul(2).sub(1) * self.cfg.sentiment_clamp
+        self.hook = self._make_hook(self._forced, self._values)
         return carry
 
-    def _fix(self, layer: int, t: int, state):
-        """Fix the unit on the rows inside a forced review at step t (c to the value, h to its tanh)."""
-        if layer != self.top or not self._forced_steps[t]:
-            return state
-        rows, v = self._forced[t], self._values[t]
-        parts = list(state)
-        for i, name in enumerate(self.names):
-            s = parts[i]
-            target = v if name == "c" else torch.tanh(v)
-            col = torch.where(rows, target.to(s.dtype), s[:, BOUND_UNIT]).unsqueeze(1)
-            parts[i] = torch.cat([s[:, :BOUND_UNIT], col, s[:, BOUND_UNIT + 1 :]], 1)
-        return tuple(parts)
+    def _make_hook(self, forced: torch.Tensor, values: torch.Tensor):
+        """The model hook that fixes the unit where `forced` (T, B) holds, c to `values` (T, B) and h to
+        their tanh, at each step of the top layer; the layers below run on the fused kernel."""
+        steps = forced.any(1).tolist()
+
+        def hook(layer: int, t: int, state):
+            if layer != self.top or not steps[t]:
+                return state
+            rows, v = forced[t], values[t]
+            return tuple(
+                set_unit(s, BOUND_UNIT, torch.where(rows, (v if name == "c" else torch.tanh(v)).to(s.dtype), s[:, BOUND_UNIT]))
+                for s, name in zip(state, self.names)
+            )
+
+        hook.first_layer = self.top
+        return hook
 
     def extra_loss(self, carry, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
         """The binding's terms beside the language-model loss (see the class docstring)."""
@@ -482,13 +485,12 @@ class Binding:
         rows = forced.any(1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return logits.new_zeros((), dtype=torch.float32)
-        main = (self._forced, self._values, self._forced_steps, self._out)
-        self._forced, self._values = main[0][:, rows], -main[1][:, rows]
-        self._forced_steps = self._forced.any(1).tolist()
+        opposite = self._make_hook(self._forced[:, rows], -self._values[:, rows])
+        out = self._out  # the head's pre-hook records this pass's input too; keep the main pass's
         try:
-            other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=self.hook)
+            other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=opposite)
         finally:
-            self._forced, self._values, self._forced_steps, self._out = main
+            self._out = out
         mask = forced[rows].float()
         vocab = logits.shape[-1]
         own = -F.cross_entropy(logits[rows].float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
