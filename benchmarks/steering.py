@@ -82,6 +82,9 @@ def main() -> None:
     ap.add_argument("--loss-reviews", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples-out", help="write every sample as JSON lines here")
+    ap.add_argument("--guidance", type=float, default=0.0, help="as sample --guidance")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as sample --precision")
+    ap.add_argument("--value", type=float, help="fix the unit at +-VALUE (the positive side's sign) instead of the stored clamp values")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from charrnn import sentiment as sm
@@ -92,13 +95,18 @@ def main() -> None:
     t0 = time.perf_counter()
     model, vocab, ck = load_model(args.checkpoint)
     rec = sm.get_record(ck)
+    if args.value is not None:  # as `sample --sentiment S --value V`, with V's sign taken from the record
+        side = 1.0 if rec["clamp"]["positive"] >= rec["clamp"]["negative"] else -1.0
+        rec = {**rec, "clamp": {"positive": side * abs(args.value), "negative": -side * abs(args.value)}}
+        ck = {**ck, "sentiment": rec}
     judge = judges()
     samples = {}
     for cond in ("positive", "negative", "none"):
         hook = None
         if cond != "none":
-            hook, _ = sm.steering_hook(model, ck, cond)
-        cfg = SampleConfig(temperature=args.temp, length=args.length, seed=args.seed, num=args.num)
+            hook, _ = sm.steering_hook(model, ck, cond, guided_rows=args.num if args.guidance > 0 else 0)
+        cfg = SampleConfig(temperature=args.temp, length=args.length, seed=args.seed, num=args.num,
+                           precision=args.precision, guidance=args.guidance if cond != "none" else 0.0)
         samples[cond] = [t.lstrip("\n") for t in generate(model, vocab, cfg, hook=hook)]
     held = read_labeled(Path(args.heldout))
     known = set(vocab.chars)

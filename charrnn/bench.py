@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from charrnn.config import TrainConfig
 from charrnn.data import Vocab
 from charrnn.model import CharRNN, ModelConfig
-from charrnn.sample import SampleConfig, generate
+from charrnn.sample import SampleConfig, choose_precision, generate
 
 Report = Callable[[str, dict], None]
 
@@ -186,10 +186,11 @@ def raw_sample_cps(model: CharRNN, length: int, temperature: float = 0.8) -> flo
     return length / (time.perf_counter() - t0)
 
 
-def charrnn_sample_cps(model: CharRNN, vocab: Vocab, length: int, num: int = 1, temperature: float = 0.8) -> float:
+def charrnn_sample_cps(model: CharRNN, vocab: Vocab, length: int, num: int = 1, temperature: float = 0.8,
+                      precision: str = "auto") -> float:
     """Characters per second of charrnn's sampler, all streams counted."""
     t0 = time.perf_counter()
-    generate(model, vocab, SampleConfig(temperature=temperature, length=length, seed=0, num=num))
+    generate(model, vocab, SampleConfig(temperature=temperature, length=length, seed=0, num=num, precision=precision))
     return num * length / (time.perf_counter() - t0)
 
 
@@ -211,12 +212,14 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
     torch.manual_seed(0)
     vocab = Vocab.from_text_chars(synthetic_text(5000))
     model = CharRNN(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=layers, hidden=hidden)).eval()
-    raws, ones = [], []
-    for _ in range(5):  # alternated, so a slow spell of the machine hits both sides alike
+    raws, ones, fp32s = [], [], []
+    for _ in range(5):  # alternated, so a slow spell of the machine hits every side alike
         raws.append(raw_sample_cps(model, length))
         ones.append(charrnn_sample_cps(model, vocab, length))
-    raw, one = statistics.median(raws), statistics.median(ones)
+        fp32s.append(charrnn_sample_cps(model, vocab, length, precision="fp32"))
+    raw, one, fp32 = statistics.median(raws), statistics.median(ones), statistics.median(fp32s)
     many = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num)
+    many_fp32 = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num, precision="fp32")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "step_00000000.pt"
         ckm.save(path, {"model_config": model.config.to_dict(), "vocab": vocab.chars,
@@ -225,8 +228,11 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
         latency = statistics.median(first_char_latency(path) for _ in range(3))
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     row = {"model": f"lstm {layers}x{hidden}", "weights_mb": weights_mb, "raw_chars_per_s": raw,
-           "charrnn_chars_per_s": one, "ratio": one / raw, "num": num,
-           "batched_chars_per_s": many, "batched_ratio": many / one, "first_char_s": latency}
+           "precision": choose_precision(model, "auto", 1), "charrnn_chars_per_s": one, "ratio": one / raw,
+           "fp32_chars_per_s": fp32, "fp32_ratio": fp32 / raw, "num": num,
+           "batched_precision": choose_precision(model, "auto", num), "batched_chars_per_s": many,
+           "batched_ratio": many / one, "batched_fp32_chars_per_s": many_fp32, "batched_fp32_ratio": many_fp32 / fp32,
+           "first_char_s": latency}
     report("sample", row)
     return row
 

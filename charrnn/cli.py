@@ -52,6 +52,12 @@ class StateKind(str, Enum):
     h = "h"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -103,6 +109,8 @@ def train(
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
     encoding_errors: Annotated[Optional[str], typer.Option(help="'replace' to train on a file with invalid UTF-8 \\[default: strict].", show_default=False)] = None,
     sentiment_unit: Annotated[bool, typer.Option("--sentiment-unit", help="Bind unit 0 of the top layer to the labels of a labeled TSV corpus, for sample --sentiment.")] = False,
+    sentiment_contrast: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment-unit: weight of the loss asking forced reviews to be likelier under their own label than the opposite one \\[default: 1.0].", show_default=False)] = None,
+    sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: 0.5].", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ):
     """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
@@ -127,7 +135,10 @@ def train(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
             keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
+            sentiment_contrast=sentiment_contrast, sentiment_clamp_frac=sentiment_forced,
         )
+        if not sentiment_unit and (sentiment_contrast is not None or sentiment_forced is not None):
+            raise UsageError("--sentiment-contrast and --sentiment-forced tune --sentiment-unit; add --sentiment-unit")
         cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value, sentiment_unit=sentiment_unit,
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
@@ -162,6 +173,8 @@ def sample(
     neuron: Annotated[Optional[int], typer.Option(min=0, help="Fix this top-layer unit (with --value).", show_default=False)] = None,
     value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
     state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
+    guidance: Annotated[float, typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from own + G * (own - opposite) logits; 0 = plain fixing.")] = 0.0,
+    precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = bf16 on a CPU with native bf16 for models of 2M+ parameters or 16+ streams, else fp32.")] = Precision.auto,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
     from charrnn import ui
@@ -169,13 +182,14 @@ def sample(
     from charrnn.checkpoint import load_model
     from charrnn.train import pick_device
 
-    cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num)
+    cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
+                       precision=precision.value, guidance=guidance)
     validate(cfg)
     model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir)
     from charrnn.sentiment import steering_hook
 
     hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
-                            state.value if state else None)
+                            state.value if state else None, guided_rows=num if guidance > 0 else 0)
     kept, unknown = clean_prime(prime, vocab)
     if unknown:
         ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
@@ -213,6 +227,7 @@ def eval_cmd(
     file: Annotated[Path, typer.Argument(help="Text file to score.")],
     json_out: Annotated[bool, typer.Option("--json", help='Print {"loss", "bpc", "chars"} as JSON.')] = False,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.cpu,
+    precision: Annotated[Precision, typer.Option(help="Weights and states: fp32, bf16 (what bf16 sampling costs in loss), or auto (as sample chooses for one stream).")] = Precision.fp32,
 ):
     """Loss of a checkpoint on a text file, in nats and bits per character."""
     import math
@@ -225,6 +240,9 @@ def eval_cmd(
     dev = pick_device(device.value)
     model, vocab, ck = load_model(checkpoint, dev, home=HOME)
     data, _ = load_corpus([file], vocab=vocab)
+    from charrnn.sample import choose_precision, with_precision
+
+    model = with_precision(model, choose_precision(model, precision.value, 1))
     loss, chars = evaluate(model, data, device=dev)
     if json_out:
         print(json.dumps({"loss": loss, "bpc": loss / math.log(2), "chars": chars}))

@@ -232,7 +232,8 @@ class CharRNN(nn.Module):
 
     def init_state(self, batch_size: int, device=None) -> State:
         c = self.config
-        z = torch.zeros(c.layers, batch_size, c.hidden, device=device or self.head.weight.device)
+        w = self.head.weight
+        z = torch.zeros(c.layers, batch_size, c.hidden, device=device or w.device, dtype=w.dtype)
         return tuple(z.clone() for _ in range(self.n_state))
 
     def _run_fused(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:

@@ -21,7 +21,7 @@ from charrnn.errors import CheckpointError, DataError, UsageError
 
 BOUND_UNIT = 0  # the top-layer unit that `train --sentiment-unit` binds
 CLAMP_QUANTILE = 0.9  # clamp values: this quantile of the unit on its side's texts (0.1 on the other side)
-LOGIT_SCALE = 4.0  # binding loss: logit = LOGIT_SCALE * h_unit, so h = +-1 means about 98% sure
+LOGIT_SCALE = 4.0  # binding loss: logit = LOGIT_SCALE * value / forced value, so the forced value reads as about 98% sure
 N_LAMBDAS = 12  # regularisation strengths swept, log-spaced below the one that zeroes every weight
 TOP_CANDIDATES = 8  # units (largest |weight|) each fitted alone; the best on validation is chosen
 OBSERVED_KEEP = 4096  # recent chunk-end values per class that a binding keeps for its clamp values
@@ -394,8 +394,8 @@ class Binding:
       Forced rows also run a second time with the opposite value, and a generative-classifier loss
       (`sentiment_contrast`) asks their text to be likelier under its own label than under the
       other: without it the network learns to ignore the unit (measured, README);
-    - free reviews: a logistic loss on the unit's top-layer output h at each of their characters
-      (logit = LOGIT_SCALE * h), so the unit learns to read sentiment from text. Free reviews are
+    - free reviews: a logistic loss on the unit's value (c; h for GRU/RNN) at each of their characters
+      (logit = LOGIT_SCALE * value / forced value), so the unit learns to read sentiment from text. Free reviews are
       never forced, so the unit cannot pass the loss by holding a forced value.
     Only the top layer runs step by step (the layers below stay on the fused kernel).
     The checkpoint's "sentiment" entry (updated in `trainer.extra` every step) holds the forced
@@ -411,6 +411,12 @@ class Binding:
         self.batcher = StreamBatcher(train_labels, cfg.batch_size, cfg.seq_len)
         self.names = state_names(self.model)
         self.state = "c+h" if "c" in self.names else "h"
+        # free reviews: logit = scale * value, so the forced value (c = clamp, or h = tanh(clamp)) reads as
+        # about 98% sure. The loss is on c, the state `neuron find` reads: on h, the unit's output gate
+        # closed to dodge the loss while the labels were still unreadable (measured: h of 0.001 at the
+        # end of every SST-2 sentence, 50% accuracy) and the gradient died with it.
+        self._scale = LOGIT_SCALE / (cfg.sentiment_clamp if "c" in self.names else math.tanh(cfg.sentiment_clamp))
+        self._trace: list = []
         self.top = self.model.config.layers - 1
         self._out = None
         self._labels = None
@@ -441,16 +447,24 @@ class Binding:
         device = carry[0].device
         self._forced = forced.t().contiguous().to(device)  # (T, B)
         self._values = (lab.t() % 2).to(device=device, dtype=carry[0].dtype).mul(2).sub(1) * self.cfg.sentiment_clamp
-        self.hook = self._make_hook(self._forced, self._values)
+        self._trace = []
+        self.hook = self._make_hook(self._forced, self._values, self._trace)
         return carry
 
-    def _make_hook(self, forced: torch.Tensor, values: torch.Tensor):
+    def _make_hook(self, forced: torch.Tensor, values: torch.Tensor, trace: list | None = None):
         """The model hook that fixes the unit where `forced` (T, B) holds, c to `values` (T, B) and h to
-        their tanh, at each step of the top layer; the layers below run on the fused kernel."""
+        their tanh, at each step of the top layer; the layers below run on the fused kernel. With
+        `trace`, the unit's value as the cell computed it (c, or h without a cell state) is appended
+        there at every step, before any fixing: what the free-review loss reads."""
         steps = forced.any(1).tolist()
+        part = self.names.index("c") if "c" in self.names else 0
 
         def hook(layer: int, t: int, state):
-            if layer != self.top or not steps[t]:
+            if layer != self.top:
+                return state
+            if trace is not None:
+                trace.append(state[part][:, BOUND_UNIT])
+            if not steps[t]:
                 return state
             rows, v = forced[t], values[t]
             return tuple(
@@ -468,9 +482,9 @@ class Binding:
         self._observe(carry)
         total = self._out.new_zeros((), dtype=torch.float32)
         if known.any():
-            h = self._out[..., BOUND_UNIT].float()  # (B, T)
+            v = torch.stack(self._trace, 1).float()  # (B, T): c (h without a cell state) as computed
             total = total + self.cfg.sentiment_weight * F.binary_cross_entropy_with_logits(
-                LOGIT_SCALE * h[known], lab[known].float())
+                self._scale * v[known], lab[known].float())
         if self.cfg.sentiment_contrast > 0:
             total = total + self.cfg.sentiment_contrast * self._contrast(x, y, carry_in, logits)
         return total
@@ -535,11 +549,16 @@ class Binding:
 
 
 def steering_hook(model, ck: dict, sentiment: str | None = None, neuron: int | None = None,
-                  value: float | None = None, state: str | None = None):
-    """The hook for `sample`: (hook or None, a one-line description of what is fixed)."""
+                  value: float | None = None, state: str | None = None, guided_rows: int = 0):
+    """The hook for `sample`: (hook or None, a one-line description of what is fixed).
+
+    With guided_rows = n > 0 (sample --guidance) the hook covers 2n rows: the first n fixed as asked,
+    the last n fixed the opposite way (the other sentiment's value, or -V for --neuron K --value V)."""
     if sentiment is None and neuron is None and value is None:
         if state is not None:
             raise UsageError("--state chooses the state of --sentiment or --neuron; give one of them too")
+        if guided_rows:
+            raise UsageError("--guidance contrasts two fixed values of a unit; give --sentiment or --neuron K --value V too")
         return None, ""
     if sentiment is not None and neuron is not None:
         raise UsageError("give --sentiment or --neuron K --value V, not both")
@@ -553,11 +572,18 @@ def steering_hook(model, ck: dict, sentiment: str | None = None, neuron: int | N
             raise UsageError(f"the sentiment unit was found on the '{rec['state']}' state; leave out --state "
                              f"or fix a unit by hand with --neuron K --value V --state {state}")
         unit, layer, state = rec["unit"], rec["layer"], rec["state"]
+        other = rec["clamp"]["negative" if sentiment == "positive" else "positive"]
+        if value is not None:  # a hand-given value; the opposite one mirrors it across the midpoint
+            other = rec["clamp"]["positive"] + rec["clamp"]["negative"] - value
         value = rec["clamp"][sentiment] if value is None else value
     else:
         unit, layer, state = neuron, model.config.layers - 1, state or default_state(model)
-    hook = hook_for(model, unit, value, state, layer)
-    return hook, f"fixing unit {unit} of layer {layer} ({state}) at {value:.3f}"
+        other = -value
+    said = f"fixing unit {unit} of layer {layer} ({state}) at {value:.3f}"
+    if guided_rows:
+        values = torch.tensor([float(value)] * guided_rows + [float(other)] * guided_rows)
+        return hook_for(model, unit, values, state, layer), said + f", contrasted with {other:.3f}"
+    return hook_for(model, unit, value, state, layer), said
 
 
 def unit_colors(values: list[float], lo: float, hi: float) -> list[tuple[int, int, int]]:

@@ -18,6 +18,9 @@ def test_bench_quick_reports_measured_ratios():
     (sample,) = [row for row in rows if row["section"] == "sample"]
     assert abs(sample["ratio"] - sample["charrnn_chars_per_s"] / sample["raw_chars_per_s"]) < 1e-9
     assert abs(sample["batched_ratio"] - sample["batched_chars_per_s"] / sample["charrnn_chars_per_s"]) < 1e-9
+    assert abs(sample["fp32_ratio"] - sample["fp32_chars_per_s"] / sample["raw_chars_per_s"]) < 1e-9
+    assert abs(sample["batched_fp32_ratio"] - sample["batched_fp32_chars_per_s"] / sample["fp32_chars_per_s"]) < 1e-9
+    assert sample["precision"] in ("fp32", "bf16") and sample["batched_precision"] in ("fp32", "bf16")
     assert 0 < sample["first_char_s"] < 60
     (startup,) = [row for row in rows if row["section"] == "startup"]
     assert startup["seconds"] > 0

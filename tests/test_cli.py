@@ -111,6 +111,17 @@ def test_eval_json(trained):
     assert out["chars"] > 1000 and abs(out["bpc"] - out["loss"] / 0.6931471805599453) < 1e-9
 
 
+def test_eval_and_sample_in_bf16(trained):
+    fp32 = json.loads(run_cli("eval", "checkpoints/demo", trained, "--json").stdout)["loss"]
+    r = run_cli("eval", "checkpoints/demo", trained, "--json", "--precision", "bf16")
+    assert r.exit_code == 0, r.stderr
+    assert abs(json.loads(r.stdout)["loss"] - fp32) < 0.02  # bf16 weights and states cost almost nothing
+    r = run_cli("sample", "checkpoints/demo", "--precision", "bf16", "--length", "50", "--seed", "1", "--num", "3", "--jsonl")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) == 3
+    r = run_cli("sample", "checkpoints/demo", "--precision", "fp8")
+    assert r.exit_code == 2 and "fp8" in r.stderr
+
+
 def test_eval_unknown_characters(trained, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("ünïcödé text " * 20)

@@ -14,6 +14,7 @@ import torch
 from charrnn import checkpoint as ckm
 from charrnn import sentiment as sm
 from charrnn.data import Vocab
+from charrnn.errors import UsageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.sample import SampleConfig, generate
 from charrnn.train import Trainer
@@ -249,6 +250,51 @@ def test_sample_sentiment_through_cli(bound):
     assert hand.exit_code == 0 and len(hand.stdout.splitlines()) == 2
     bad = run_cli(*args, "--neuron", "2")
     assert bad.exit_code == 2 and "--value" in bad.stderr
+
+
+def test_guidance_draws_from_the_amplified_contrast():
+    torch.manual_seed(0)
+    vocab = Vocab.from_text_chars("abc \n")
+    model = CharRNN(ModelConfig(len(vocab), "lstm", 1, 8, 0, 0.0)).eval()
+    ck = {"sentiment": {"unit": 3, "layer": 0, "state": "c", "polarity": 1,
+                        "clamp": {"positive": 1.0, "negative": -1.0}}}
+    hook, said = sm.steering_hook(model, ck, "positive", guided_rows=2)
+    assert "contrasted with -1.000" in said
+    seen = []
+
+    def spy(layer, t, state):
+        state = hook(layer, t, state)
+        seen.append(state[1][:, 3].clone())
+        return state
+
+    cfg = SampleConfig(length=6, prime="ab", seed=1, num=2, guidance=2.0, precision="fp32")
+    (a, b) = generate(model, vocab, cfg, hook=spy)
+    assert len(a) == len(b) == 8 and all(v.tolist() == [1.0, 1.0, -1.0, -1.0] for v in seen)
+    # the same draw by hand: logits own + 2 * (own - opposite), the two rows fed the same text
+    g = torch.Generator().manual_seed(1)
+    st = model.init_state(4)
+    ids = vocab.encode("ab")
+    with torch.no_grad():
+        for i in ids:
+            lg, st = model.step(torch.full((4,), i), st, hook)
+        text = []
+        for _ in range(6):
+            mix = lg[:2] + 2.0 * (lg[:2] - lg[2:])
+            nxt = torch.multinomial(torch.softmax(mix, -1), 1, generator=g).squeeze(-1)
+            text.append(nxt)
+            lg, st = model.step(nxt.repeat(2), st, hook)
+    assert [a[2:], b[2:]] == ["".join(vocab.chars[int(t[r])] for t in text) for r in range(2)]
+    with pytest.raises(UsageError, match="--guidance"):
+        sm.steering_hook(model, ck, guided_rows=2)
+
+
+def test_sample_guidance_through_cli(bound):
+    args = ("sample", bound["run"], "--length", "60", "--seed", "2", "--num", "3", "--jsonl")
+    r = run_cli(*args, "--sentiment", "negative", "--guidance", "1.5")
+    assert r.exit_code == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 3
+    r = run_cli(*args, "--guidance", "1")
+    assert r.exit_code == 2 and "--guidance" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_sample_sentiment_without_unit_says_how(corpus):
