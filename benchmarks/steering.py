@@ -36,8 +36,8 @@ def frac_positive(judge, texts: list[str]) -> float:
 
 
 @torch.no_grad()
-def heldout_loss(model, vocab, texts: list[str], labels: list[int], rec: dict | None, mode: str) -> float:
-    """Mean nats/char over the texts, stepping one character at a time with the unit free, matched or opposite."""
+def heldout_loss(model, vocab, texts: list[str], labels: list[int], rec: dict | None, mode: str) -> torch.Tensor:
+    """Nats/char of each text (N,), stepping one character at a time with the unit free, matched or opposite."""
     from charrnn import sentiment as sm
 
     ids = torch.tensor([[vocab.stoi["\n"]] + vocab.encode(t) for t in texts])  # (N, L+1), equal lengths
@@ -47,12 +47,11 @@ def heldout_loss(model, vocab, texts: list[str], labels: list[int], rec: dict | 
         values = torch.where(pos, torch.tensor(float(rec["clamp"]["positive"])), torch.tensor(float(rec["clamp"]["negative"])))
         hook = sm.hook_for(model, rec["unit"], values, rec["state"], rec["layer"])
     state = model.init_state(len(texts))
-    total, count = 0.0, 0
+    total = torch.zeros(len(texts), dtype=torch.float64)
     for t in range(ids.shape[1] - 1):
         logits, state = model.step(ids[:, t], state, hook)
-        total += float(torch.nn.functional.cross_entropy(logits, ids[:, t + 1], reduction="sum"))
-        count += len(texts)
-    return total / count
+        total += torch.nn.functional.cross_entropy(logits.float(), ids[:, t + 1], reduction="none").double()
+    return total / (ids.shape[1] - 1)
 
 
 def ngram_share(samples: list[str], train_text: str, n: int = 20) -> float:
@@ -124,13 +123,16 @@ def main() -> None:
                      "distinct_words": distinct_words(texts)})
     sep = {j: {"samples": rows[0][j] - rows[1][j], "real": rows[3][j] - rows[4][j]} for j in judge}
     lp = pairs[: args.loss_reviews]
-    losses = {m: heldout_loss(model, vocab, [t for t, _ in lp], [y for _, y in lp], rec, m)
-              for m in ("free", "matched", "opposite")}
+    per_text = {m: heldout_loss(model, vocab, [t for t, _ in lp], [y for _, y in lp], rec, m)
+                for m in ("free", "matched", "opposite")}
+    losses = {m: float(v.mean()) for m, v in per_text.items()}
+    # the unit as a generative classifier: is each review likelier with the unit fixed to its own label?
+    gen_acc = float((per_text["matched"] < per_text["opposite"]).double().mean())
     train_text = "".join("".join(iter_corpus_text(Path(p))) for p in ck["train"]["corpus"])
     overlap = {c: ngram_share(samples[c], train_text) for c in samples}
     real_overlap = ngram_share(real["positive"] + real["negative"], train_text)
     out = {"checkpoint": ck["path"], "unit": rec, "temp": args.temp, "rows": rows, "separation": sep,
-           "heldout_loss": losses, "heldout_reviews": len(lp), "ngram20_in_train": overlap,
+           "heldout_loss": losses, "heldout_reviews": len(lp), "generative_accuracy": gen_acc, "ngram20_in_train": overlap,
            "ngram20_in_train_real": real_overlap, "seconds": time.perf_counter() - t0}
     out["unit"] = {k: v for k, v in rec.items() if k != "observed"}
     if args.samples_out:
@@ -145,7 +147,8 @@ def main() -> None:
     for j, d in sep.items():
         print(f"{j}: positive minus negative: samples {d['samples']:+.0%}, real reviews {d['real']:+.0%}")
     print(f"held-out loss on {len(lp)} reviews ({args.length} chars, nats/char): unit free {losses['free']:.4f}, "
-          f"fixed to its label {losses['matched']:.4f}, fixed to the opposite {losses['opposite']:.4f}")
+          f"fixed to its label {losses['matched']:.4f}, fixed to the opposite {losses['opposite']:.4f}; "
+          f"likelier under their own label: {gen_acc:.1%}")
     print("20-grams found verbatim in the training text: " + ", ".join(f"{c} {v:.1%}" for c, v in overlap.items())
           + f"; real held-out reviews {real_overlap:.1%}")
     print(json.dumps(out), file=sys.stderr)

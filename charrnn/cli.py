@@ -6,6 +6,7 @@ torch is imported inside the commands, so `charrnn --help` starts fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -109,8 +110,8 @@ def train(
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
     encoding_errors: Annotated[Optional[str], typer.Option(help="'replace' to train on a file with invalid UTF-8 \\[default: strict].", show_default=False)] = None,
     sentiment_unit: Annotated[bool, typer.Option("--sentiment-unit", help="Bind unit 0 of the top layer to the labels of a labeled TSV corpus, for sample --sentiment.")] = False,
-    sentiment_contrast: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment-unit: weight of the loss asking forced reviews to be likelier under their own label than the opposite one \\[default: 1.0].", show_default=False)] = None,
-    sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: 0.5].", show_default=False)] = None,
+    sentiment_contrast: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment-unit: weight of the loss asking forced reviews to be likelier under their own label than the opposite one \\[default: 5.0].", show_default=False)] = None,
+    sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: 0.75].", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ):
     """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
@@ -144,6 +145,18 @@ def train(
         if time is not None:
             cfg.time_s = parse_duration(time)
         trainer = Trainer.new(corpus, cfg, run_dir=run, init_from=init_from, home=HOME, callback=display)
+    # The Trainer takes SIGINT/SIGTERM while it runs and hands them back when its last save is on
+    # disk. One that comes after that (the run is complete) must not kill the process on its way
+    # out: it is ignored from here on, and main() ends the process without Python's shutdown, during
+    # which the default handlers are back (measured: a SIGINT 0.1 s after the last save ended the
+    # process with -2 and nothing printed).
+    import signal
+
+    global _EXIT_WITHOUT_SHUTDOWN
+    if _OWN_PROCESS:  # not when the app runs inside another program (tests, notebooks)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: None)
+        _EXIT_WITHOUT_SHUTDOWN = True
     try:
         summary = trainer.run()
     finally:
@@ -478,8 +491,14 @@ def bench(
         b.bench_processes(report, parsed[0].hidden, steps, workdir)
 
 
+_OWN_PROCESS = False  # main() runs the app as the whole process
+_EXIT_WITHOUT_SHUTDOWN = False  # set by `train` (see there)
+
+
 def main() -> None:
     """Run the app; a usage error (bad option, bad value) is one plain line and exit code 2."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     try:
         code = app(standalone_mode=False)
     except Exception as e:  # the parser's own errors carry a message and an exit code
@@ -496,7 +515,12 @@ def main() -> None:
     except (KeyboardInterrupt, EOFError):
         print("error: interrupted", file=sys.stderr)
         code = 130
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if _EXIT_WITHOUT_SHUTDOWN:  # everything is saved and closed; nothing is left for atexit to do
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ class TrainConfig:
     # sentiment binding (train --sentiment-unit; see charrnn/sentiment.py Binding)
     sentiment_unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
     sentiment_weight: float = 1.0  # weight of the unit's logistic loss beside the language-model loss
-    sentiment_clamp_frac: float = 0.5  # share of reviews whose unit is fixed to the label at every character
-    sentiment_contrast: float = 1.0  # weight of the generative-classifier loss on forced reviews; 0: off
+    sentiment_clamp_frac: float = 0.75  # share of reviews whose unit is fixed to the label at every character
+    sentiment_contrast: float = 5.0  # weight of the generative-classifier loss on forced reviews; 0: off
     sentiment_clamp: float = 2.0  # the cell-state value fixed there (+ positive, - negative; h gets tanh of it)
 
     def to_dict(self) -> dict:

@@ -105,6 +105,26 @@ def digest(path: Path) -> str:
 # ---------------------------------------------------------------- crash safety
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_after_the_last_save_does_not_kill_a_finished_run(tmp_path, sig):
+    """Python restores the default handlers while it shuts down; a Ctrl-C landing there once ended a
+    completed run with -2 and nothing printed. Now the finished run exits 0 whenever the signal comes."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text(20_000))
+    run = tmp_path / "run"
+    codes = []
+    for delay in (0.0, 0.03, 0.08):
+        shutil.rmtree(run, ignore_errors=True)
+        proc = start(["train", corpus, *TINY, "--threads", "1", "--steps", "40", "--eval-every", "4", "--run", run], tmp_path)
+        wait_for(lambda: (run / ckm.ckpt_name(40)).exists(), proc, poll=0.0005)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        codes.append(proc.returncode)
+        assert ckm.load(run / ckm.ckpt_name(40))["train"]["step"] == 40
+    assert all(c == 0 or c == (130 if sig == signal.SIGINT else 143) for c in codes), codes
+
+
 @pytest.mark.slow
 def test_sigkill_sigint_sigterm_lose_nothing_and_resume_exactly(tmp_path):
     """Real training processes killed at random moments (and in the middle of saves), then interrupted

@@ -199,6 +199,10 @@ def test_sentiment_unit_needs_labels(tmp_path, corpus):
 
     r = run_cli("train", corpus, "--sentiment-unit", "--steps", "5", *TINY)
     assert r.exit_code == 2 and "labeled" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("train", corpus, "--sentiment-contrast", "3", "--steps", "5", *TINY)
+    assert r.exit_code == 2 and "add --sentiment-unit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("train", corpus, "--sentiment-unit", "--sentiment-forced", "1.5", "--steps", "5", *TINY)
+    assert r.exit_code == 2 and "--sentiment-forced" in r.stderr
 
 
 # ---------------------------------------------------------------- fixing a unit
@@ -295,6 +299,34 @@ def test_sample_guidance_through_cli(bound):
     assert len(r.stdout.splitlines()) == 3
     r = run_cli(*args, "--guidance", "1")
     assert r.exit_code == 2 and "--guidance" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):
+    """benchmarks/steering.py end to end on the toy model (the judges are its optional 'bench' extra)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("afinn")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "steering.py"
+    out = tmp_path / "samples.jsonl"
+    r = subprocess.run([sys.executable, str(script), str(bound["run"]), str(bound["test"]), "--num", "12",
+                        "--length", "40", "--loss-reviews", "20", "--samples-out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stderr.strip().splitlines()[-1])
+    rows = {row["set"]: row for row in res["rows"]}
+    for judge, sep in res["separation"].items():  # separations are differences of the printed shares
+        assert sep["samples"] == pytest.approx(rows["samples --sentiment positive"][judge] - rows["samples --sentiment negative"][judge])
+        assert sep["real"] == pytest.approx(rows["real positive reviews"][judge] - rows["real negative reviews"][judge])
+    assert rows["samples --sentiment positive"]["n"] == 12 and rows["real negative reviews"]["n"] == 12
+    assert 0.0 <= res["generative_accuracy"] <= 1.0 and res["heldout_reviews"] == 20
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(written) == 36 and {w["condition"] for w in written} == {"positive", "negative", "none"}
+    pos = sum(w["text"].count(p) for w in written if w["condition"] == "positive" for p in POS)
+    neg = sum(w["text"].count(p) for w in written if w["condition"] == "negative" for p in POS)
+    assert pos > neg  # the toy model's steering shows in what was written
+    assert "positive minus negative" in r.stdout
 
 
 def test_sample_sentiment_without_unit_says_how(corpus):
