@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,8 +77,6 @@ def with_precision(model: CharRNN, precision: str) -> CharRNN:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     if model.head.weight.dtype == dtype:
         return model
-    import copy
-
     return copy.deepcopy(model).to(dtype)
 
 

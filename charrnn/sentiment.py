@@ -418,12 +418,10 @@ class Binding:
         self._scale = LOGIT_SCALE / (cfg.sentiment_clamp if "c" in self.names else math.tanh(cfg.sentiment_clamp))
         self._trace: list = []
         self.top = self.model.config.layers - 1
-        self._out = None
         self._labels = None
         self._free = None
         self._forced = self._values = None  # (T, B) of the current step: forced characters, their values
         self.hook = None  # the model hook for the current step, set by before_step
-        self.model.head.register_forward_pre_hook(self._grab)
         old = self.extra.get("sentiment") or {}
         obs = old.get("observed") if old.get("source") == "bind" else None
         self.observed = {k: list(obs.get(k, [])) for k in ("positive", "negative")} if obs else {"positive": [], "negative": []}
@@ -434,10 +432,6 @@ class Binding:
         total = len(trainer.train_data) + len(trainer.val_data)
         cfg = trainer.cfg
         return cls(trainer, char_labels(trainer.corpus, total, cfg.sentiment_clamp_frac, cfg.seed))
-
-    def _grab(self, module, args):
-        if module.training:
-            self._out = args[0]  # (B, T, H): the top layer's output, the input of the head
 
     def before_step(self, step: int, carry):
         lab, _, _ = self.batcher.get(step)  # (B, T) codes of the input characters
@@ -477,10 +471,10 @@ class Binding:
 
     def extra_loss(self, carry, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
         """The binding's terms beside the language-model loss (see the class docstring)."""
-        lab = self._labels.to(self._out.device)
+        lab = self._labels.to(logits.device)
         known = (lab == 0) | (lab == 1)  # characters of free reviews
         self._observe(carry)
-        total = self._out.new_zeros((), dtype=torch.float32)
+        total = logits.new_zeros((), dtype=torch.float32)
         if known.any():
             v = torch.stack(self._trace, 1).float()  # (B, T): c (h without a cell state) as computed
             total = total + self.cfg.sentiment_weight * F.binary_cross_entropy_with_logits(
@@ -500,11 +494,7 @@ class Binding:
         if rows.numel() == 0:
             return logits.new_zeros((), dtype=torch.float32)
         opposite = self._make_hook(self._forced[:, rows], -self._values[:, rows])
-        out = self._out  # the head's pre-hook records this pass's input too; keep the main pass's
-        try:
-            other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=opposite)
-        finally:
-            self._out = out
+        other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=opposite)
         mask = forced[rows].float()
         vocab = logits.shape[-1]
         own = -F.cross_entropy(logits[rows].float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")

@@ -185,8 +185,10 @@ def test_binding_fixes_the_unit_at_every_character_of_a_forced_review(tmp_path):
     b = tr.binding
     x, y, _ = tr.batcher.get(0)
     carry = b.before_step(0, tr.model.init_state(8))
-    tr.model(x, y, carry, hook=b.hook)  # the head's input is recorded by the binding
-    lab, h = b._labels, b._out[..., sm.BOUND_UNIT].detach()
+    seen = {}
+    tr.model.head.register_forward_pre_hook(lambda module, args: seen.update(h=args[0]))  # the top layer's output
+    tr.model(x, y, carry, hook=b.hook)
+    lab, h = b._labels, seen["h"][..., sm.BOUND_UNIT].detach()
     forced = lab >= 2
     assert forced.any() and ((lab == 0) | (lab == 1)).any()
     want = torch.tanh(((lab % 2) * 2 - 1).float() * cfg.sentiment_clamp)
