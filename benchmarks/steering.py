@@ -5,7 +5,9 @@ negative, and free; scores them, and real held-out reviews cut to the same lengt
 off-the-shelf judges (VADER and AFINN, lexicon-based, installed only for this benchmark:
 `pip install vaderSentiment afinn`); reports the fraction judged positive, the model's loss on
 held-out reviews with the unit free / fixed to the review's label / fixed to the opposite label,
-and the share of the samples' 20-grams found verbatim in the training text.
+the share of the samples' 20-grams found verbatim in the training text, and a fluency proxy: each
+set's loss (nats/char) under the model with the unit free (what the model itself finds likely; the
+unit-free samples are the reference, real reviews score higher since samples are drawn at --temp).
 
     python benchmarks/steering.py CHECKPOINT HELDOUT.tsv [--num 100] [--length 400] [--temp 0.8]
 """
@@ -81,7 +83,7 @@ def main() -> None:
     ap.add_argument("--loss-reviews", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples-out", help="write every sample as JSON lines here")
-    ap.add_argument("--guidance", type=float, default=0.0, help="as sample --guidance")
+    ap.add_argument("--guidance", type=float, default=None, help="as sample --guidance [default: sample's, 0.25]")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as sample --precision")
     ap.add_argument("--value", type=float, help="fix the unit at +-VALUE (the positive side's sign) instead of the stored clamp values")
     args = ap.parse_args()
@@ -91,6 +93,10 @@ def main() -> None:
     from charrnn.data import iter_corpus_text, read_labeled
     from charrnn.sample import SampleConfig, generate
 
+    from charrnn.sample import SENTIMENT_GUIDANCE
+
+    if args.guidance is None:  # what `sample --sentiment` does by default
+        args.guidance = SENTIMENT_GUIDANCE
     t0 = time.perf_counter()
     model, vocab, ck = load_model(args.checkpoint)
     rec = sm.get_record(ck)
@@ -119,8 +125,10 @@ def main() -> None:
                         ("samples --sentiment negative", samples["negative"]),
                         ("samples, unit free", samples["none"]),
                         ("real positive reviews", real["positive"]), ("real negative reviews", real["negative"])):
+        cut = min(len(t) for t in texts)  # fluency: nats/char of the text under the model, unit free
+        fluency = float(heldout_loss(model, vocab, [t[:cut] for t in texts], [0] * len(texts), rec, "free").mean())
         rows.append({"set": name, "n": len(texts), **{j: frac_positive(f, texts) for j, f in judge.items()},
-                     "distinct_words": distinct_words(texts)})
+                     "distinct_words": distinct_words(texts), "free_model_loss": fluency})
     sep = {j: {"samples": rows[0][j] - rows[1][j], "real": rows[3][j] - rows[4][j]} for j in judge}
     lp = pairs[: args.loss_reviews]
     per_text = {m: heldout_loss(model, vocab, [t for t, _ in lp], [y for _, y in lp], rec, m)
@@ -140,10 +148,11 @@ def main() -> None:
             for c, ts in samples.items():
                 for t in ts:
                     f.write(json.dumps({"condition": c, "text": t}, ensure_ascii=False) + "\n")
-    print(f"| set | n | VADER positive | AFINN positive | distinct words |")
-    print("|---|---|---|---|---|")
+    print("| set | n | VADER positive | AFINN positive | distinct words | loss under the free model |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['set']} | {r['n']} | {r['vader']:.0%} | {r['afinn']:.0%} | {r['distinct_words']:.2f} |")
+        print(f"| {r['set']} | {r['n']} | {r['vader']:.0%} | {r['afinn']:.0%} | {r['distinct_words']:.2f} "
+              f"| {r['free_model_loss']:.3f} |")
     for j, d in sep.items():
         print(f"{j}: positive minus negative: samples {d['samples']:+.0%}, real reviews {d['real']:+.0%}")
     print(f"held-out loss on {len(lp)} reviews ({args.length} chars, nats/char): unit free {losses['free']:.4f}, "

@@ -112,6 +112,7 @@ def train(
     sentiment_unit: Annotated[bool, typer.Option("--sentiment-unit", help="Bind unit 0 of the top layer to the labels of a labeled TSV corpus, for sample --sentiment.")] = False,
     sentiment_contrast: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment-unit: weight of the loss asking forced reviews to be likelier under their own label than the opposite one \\[default: 5.0].", show_default=False)] = None,
     sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: 0.75].", show_default=False)] = None,
+    sentiment_read: Annotated[Optional[int], typer.Option(min=0, help="With --sentiment-unit: a reading pass of N labeled texts per step, the loss after each one's last character, instead of a loss at every character of free reviews \\[default: 0].", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ):
     """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
@@ -137,9 +138,10 @@ def train(
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
             keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
             sentiment_contrast=sentiment_contrast, sentiment_clamp_frac=sentiment_forced,
+            sentiment_read_batch=sentiment_read,
         )
-        if not sentiment_unit and (sentiment_contrast is not None or sentiment_forced is not None):
-            raise UsageError("--sentiment-contrast and --sentiment-forced tune --sentiment-unit; add --sentiment-unit")
+        if not sentiment_unit and (sentiment_contrast, sentiment_forced, sentiment_read) != (None, None, None):
+            raise UsageError("--sentiment-contrast, --sentiment-forced and --sentiment-read tune --sentiment-unit; add --sentiment-unit")
         cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value, sentiment_unit=sentiment_unit,
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
@@ -186,7 +188,7 @@ def sample(
     neuron: Annotated[Optional[int], typer.Option(min=0, help="Fix this top-layer unit (with --value).", show_default=False)] = None,
     value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
     state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
-    guidance: Annotated[float, typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from own + G * (own - opposite) logits; 0 = plain fixing.")] = 0.0,
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from own + G * (own - opposite) logits; 0 = plain fixing \\[default: 0.25 with --sentiment, else 0].", show_default=False)] = None,
     precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = bf16 on a CPU with native bf16 for models of 2M+ parameters or 16+ streams, else fp32.")] = Precision.auto,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
@@ -195,6 +197,10 @@ def sample(
     from charrnn.checkpoint import load_model
     from charrnn.train import pick_device
 
+    from charrnn.sample import SENTIMENT_GUIDANCE
+
+    if guidance is None:
+        guidance = SENTIMENT_GUIDANCE if sentiment is not None else 0.0
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
                        precision=precision.value, guidance=guidance)
     validate(cfg)

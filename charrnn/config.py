@@ -53,7 +53,10 @@ class TrainConfig:
     encoding_errors: str = "strict"  # 'strict' or 'replace' for invalid UTF-8 in the corpus
     # sentiment binding (train --sentiment-unit; see charrnn/sentiment.py Binding)
     sentiment_unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
-    sentiment_weight: float = 1.0  # weight of the unit's logistic loss beside the language-model loss
+    sentiment_weight: float = 1.0  # weight of the unit's reading loss (logistic) beside the language-model loss
+    sentiment_read_batch: int = 0  # 0: the reading loss is at every character of free reviews; N: a reading pass
+    # of N labeled texts per step, with the loss after each one's last character (see sentiment.Binding)
+    sentiment_read_chars: int = 128  # the reading pass runs the last this-many characters of each text
     sentiment_clamp_frac: float = 0.75  # share of reviews whose unit is fixed to the label at every character
     sentiment_contrast: float = 5.0  # weight of the generative-classifier loss on forced reviews; 0: off
     sentiment_clamp: float = 2.0  # the cell-state value fixed there (+ positive, - negative; h gets tanh of it)
@@ -109,6 +112,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--patience must be 0 (never stop early) or more (got {cfg.patience})")
     if cfg.keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
+    if cfg.sentiment_read_batch < 0 or cfg.sentiment_read_chars < 1:
+        raise UsageError("sentiment reading needs a batch >= 0 and at least 1 character per text")
     if cfg.sentiment_weight < 0 or cfg.sentiment_contrast < 0 or not 0.0 <= cfg.sentiment_clamp_frac <= 1.0 or cfg.sentiment_clamp <= 0:
         raise UsageError("sentiment binding needs weight >= 0, clamp fraction in [0, 1] and clamp value > 0")
     if cfg.encoding_errors not in ("strict", "replace"):

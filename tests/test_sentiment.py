@@ -156,12 +156,13 @@ def test_bound_unit_changes_what_the_model_expects(bound):
     assert losses["matched"] < losses["opposite"] - 0.01, losses
 
 
-def test_binding_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("read", [0, 8])
+def test_binding_resume_is_exact(tmp_path, read):
     tsv = write_tsv(tmp_path / "r.tsv", 300)
     from charrnn.config import TrainConfig
 
     cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=8, steps=30, eval_every=10, keep=10,
-                      sentiment_unit=True, threads=1)
+                      sentiment_unit=True, threads=1, sentiment_read_batch=read)
     Trainer.new([tsv], cfg, run_dir=tmp_path / "full").run()
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
@@ -203,6 +204,8 @@ def test_sentiment_unit_needs_labels(tmp_path, corpus):
     assert r.exit_code == 2 and "labeled" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("train", corpus, "--sentiment-contrast", "3", "--steps", "5", *TINY)
     assert r.exit_code == 2 and "add --sentiment-unit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("train", corpus, "--sentiment-read", "8", "--steps", "5", *TINY)
+    assert r.exit_code == 2 and "add --sentiment-unit" in r.stderr
     r = run_cli("train", corpus, "--sentiment-unit", "--sentiment-forced", "1.5", "--steps", "5", *TINY)
     assert r.exit_code == 2 and "--sentiment-forced" in r.stderr
 
@@ -301,6 +304,14 @@ def test_sample_guidance_through_cli(bound):
     assert len(r.stdout.splitlines()) == 3
     r = run_cli(*args, "--guidance", "1")
     assert r.exit_code == 2 and "--guidance" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # --sentiment guides by default (SENTIMENT_GUIDANCE); --guidance 0 is plain fixing
+    from charrnn.sample import SENTIMENT_GUIDANCE
+
+    default = run_cli(*args, "--sentiment", "positive")
+    same = run_cli(*args, "--sentiment", "positive", "--guidance", str(SENTIMENT_GUIDANCE))
+    plain = run_cli(*args, "--sentiment", "positive", "--guidance", "0")
+    assert default.exit_code == same.exit_code == plain.exit_code == 0
+    assert default.stdout == same.stdout != plain.stdout
 
 
 def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):
@@ -384,3 +395,43 @@ def test_find_skips_unknown_characters_with_a_warning(bound, tmp_path):
     assert json.loads(r.stdout)["test_examples"] > 0
     r = run_cli("neuron", "show", bound["run"], "the film ☃ was fine.")
     assert r.exit_code == 0 and "never saw" in r.stderr
+
+
+def test_reading_pass_runs_the_labeled_texts_of_the_training_split(tmp_path):
+    """The binding's reading texts are exactly the labeled texts (cut to their last characters), with their labels."""
+    from charrnn.config import TrainConfig
+
+    tsv = write_tsv(tmp_path / "r.tsv", 120, seed=4)
+    lines = tsv.read_text().splitlines()[1:]
+    truth = {t: int(y) for y, t in (ln.split("\t", 1) for ln in lines)}
+    plain = tmp_path / "plain.txt"
+    plain.write_text("some unlabeled text first\nwith two lines\n")
+    cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=4, steps=1, sentiment_unit=True, threads=1,
+                      sentiment_read_batch=50, sentiment_read_chars=30)
+    tr = Trainer.new([plain, tsv], cfg, run_dir=tmp_path / "run")
+    b = tr.binding
+    starts, ends, labels = b.spans
+    texts = [tr.vocab.decode(tr.train_data[a:e].tolist()) for a, e in zip(starts.tolist(), ends.tolist())]
+    assert len(texts) >= 90 and all(truth[t] == y for t, y in zip(texts, labels.tolist()))
+    seqs, ys = b._reading_batch(7)
+    assert len(seqs) == 50 and all(len(s) <= 31 and s[0] == tr.vocab.stoi["\n"] for s in seqs)
+    for s, y in zip(seqs, ys.tolist()):
+        owners = {truth[t] for t in truth if t.endswith(tr.vocab.decode(s[1:]))}
+        assert owners == {int(y)}  # the end of a labeled text, read with its own label
+    again, _ = b._reading_batch(7)
+    assert again == seqs  # seeded by step: a resumed run reads the same texts
+    # the reading loss is on the value `neuron find` reads: the unit's c after the last character
+    ends_ = sm.run_to_ends(tr.model, seqs[:5], "cpu")
+    for s, e in zip(seqs[:5], ends_):
+        tr.model.eval()
+        with torch.no_grad():
+            _, _, st = tr.model(torch.tensor([s]))
+        assert torch.allclose(st[1][-1, 0], e[1][-1].detach(), atol=1e-5)
+    # and its gradient reaches the unit's weights
+    tr.model.train()
+    x, y, _ = tr.batcher.get(0)
+    carry = b.before_step(0, tr.model.init_state(4))
+    logits, _, out = tr.model(x, y, carry, hook=b.hook)
+    tr.cfg.sentiment_contrast = 0.0  # the reading term alone
+    b.extra_loss(out, x, y, carry, logits).backward()
+    assert tr.model.rnn.weight_hh_l0.grad[sm.BOUND_UNIT].abs().sum() > 0

@@ -1,0 +1,94 @@
+"""Reading probe: how well can ONE unit of a trained model learn to read sentiment, given all the help?
+
+Trains the whole model on a single objective, a logistic loss on the sentiment unit's cell state
+after the last character of each labeled sentence (the value `neuron find` reads), and prints the
+unit's accuracy on a development set as it goes. It is an upper bound for what the binding's
+reading pass can reach in the same time on the same data, not a way to make a model (nothing is
+saved): the language model is not trained meanwhile.
+
+    python benchmarks/reading_probe.py RUN --train sst2_train.tsv [uci_*.tsv ...] --dev sst2_dev.tsv [--minutes 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    from charrnn import checkpoint as ckm
+    from charrnn import sentiment as sm
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("--train", type=Path, nargs="+", required=True)
+    ap.add_argument("--dev", type=Path, required=True)
+    ap.add_argument("--minutes", type=float, default=8.0)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--every", type=int, default=100, help="steps between dev evaluations")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    model, vocab, ck = ckm.load_model(args.checkpoint)
+    unit = (ck.get("sentiment") or {}).get("unit", sm.BOUND_UNIT)
+    part = sm.state_names(model).index(sm.default_state(model))
+
+    def load(paths):
+        seqs, ys = [], []
+        for p in paths:
+            ex = sm.load_examples(p, vocab)
+            seqs += [sm._ids(t, vocab) for t in ex.texts]
+            ys += ex.labels.tolist()
+        return seqs, torch.tensor(ys)
+
+    train, y_train = load(args.train)
+    dev, y_dev = load([args.dev])
+
+    def values(seqs):
+        return torch.stack([e[part][-1, unit] for e in sm.run_to_ends(model, seqs, "cpu")]).float()
+
+    @torch.no_grad()
+    def dev_accuracy() -> float:
+        model.eval()
+        v = torch.cat([values(dev[i : i + 256]) for i in range(0, len(dev), 256)])
+        model.train()
+        return ((v > 0).float() == y_dev).float().mean().item()
+
+    print(f"{len(train)} training sentences, {len(dev)} dev; unit {unit}; dev accuracy at the start "
+          f"{dev_accuracy():.3f}", flush=True)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model.train()
+    t0, step, best = time.perf_counter(), 0, 0.0
+    order = list(range(len(train)))
+    while time.perf_counter() - t0 < args.minutes * 60:
+        rng.shuffle(order)
+        for b0 in range(0, len(order) - args.batch + 1, args.batch):
+            rows = order[b0 : b0 + args.batch]
+            v = values([train[i] for i in rows])
+            loss = F.binary_cross_entropy_with_logits(sm.LOGIT_SCALE / 2.0 * v, y_train[rows])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            if step % args.every == 0:
+                acc = dev_accuracy()
+                best = max(best, acc)
+                print(f"{time.perf_counter() - t0:6.0f}s  step {step:5d}  loss {loss.item():.3f}  dev {acc:.3f}", flush=True)
+            if time.perf_counter() - t0 >= args.minutes * 60:
+                break
+    print(f"best dev accuracy {best:.3f}; last {dev_accuracy():.3f} after {step} steps")
+
+
+if __name__ == "__main__":
+    main()
