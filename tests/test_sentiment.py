@@ -435,3 +435,26 @@ def test_reading_pass_runs_the_labeled_texts_of_the_training_split(tmp_path):
     tr.cfg.sentiment_contrast = 0.0  # the reading term alone
     b.extra_loss(out, x, y, carry, logits).backward()
     assert tr.model.rnn.weight_hh_l0.grad[sm.BOUND_UNIT].abs().sum() > 0
+
+
+@pytest.mark.parametrize("cell,read", [("gru", 0), ("rnn", 8), ("peephole", 0), ("coupled", 8), ("mlstm", 0), ("mlstm", 8)])
+def test_binding_steering_and_finding_work_for_every_cell(tmp_path, cell, read):
+    """train --sentiment-unit, sample --sentiment and neuron find on each cell, with either reading loss."""
+    tsv = write_tsv(tmp_path / "r.tsv", 200, seed=3)
+    run = tmp_path / "run"
+    r = run_cli("train", tsv, "--sentiment-unit", "--sentiment-read", str(read), "--cell", cell, "--hidden", "16",
+                "--layers", "2", "--seq-len", "16", "--batch-size", "8", "--steps", "4", "--threads", "1",
+                "--run", run, "-q")
+    assert r.exit_code == 0, r.stderr
+    rec = ckm.load(ckm.resolve(run))["sentiment"]
+    assert rec["source"] == "bind" and rec["state"] == ("h" if cell in ("gru", "rnn") else "c+h")
+    assert rec["observed"]["positive"] and rec["observed"]["negative"]  # the unit was watched where it was read
+    out = {}
+    for s in ("positive", "negative"):
+        r = run_cli("sample", run, "--sentiment", s, "--length", "30", "--seed", "4", "--num", "2", "--jsonl")
+        assert r.exit_code == 0, r.stderr
+        out[s] = r.stdout
+    assert out["positive"] != out["negative"]
+    r = run_cli("neuron", "find", run, tsv, "--neuron", "0", "--no-save", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == ("h" if cell in ("gru", "rnn") else "c")
