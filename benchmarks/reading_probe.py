@@ -7,6 +7,7 @@ reading pass can reach in the same time on the same data, not a way to make a mo
 saved): the language model is not trained meanwhile.
 
     python benchmarks/reading_probe.py RUN --train sst2_train.tsv [uci_*.tsv ...] --dev sst2_dev.tsv [--minutes 8]
+        [--chars 256: long reviews cut to their last 256 characters]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=100, help="steps between dev evaluations")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chars", type=int, default=0, help="train on the last CHARS characters of each text (0: whole)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -43,16 +45,16 @@ def main() -> None:
     unit = (ck.get("sentiment") or {}).get("unit", sm.BOUND_UNIT)
     part = sm.state_names(model).index(sm.default_state(model))
 
-    def load(paths):
+    def load(paths, chars=0):
         seqs, ys = [], []
         for p in paths:
             ex = sm.load_examples(p, vocab)
-            seqs += [sm._ids(t, vocab) for t in ex.texts]
+            seqs += [sm._ids(t[-chars:] if chars else t, vocab) for t in ex.texts]
             ys += ex.labels.tolist()
         return seqs, torch.tensor(ys)
 
-    train, y_train = load(args.train)
-    dev, y_dev = load([args.dev])
+    train, y_train = load(args.train, args.chars)
+    dev, y_dev = load([args.dev])  # dev texts whole, as `neuron find` reads them
 
     def values(seqs):
         return torch.stack([e[part][-1, unit] for e in sm.run_to_ends(model, seqs, "cpu")]).float()
@@ -64,7 +66,7 @@ def main() -> None:
         model.train()
         return ((v > 0).float() == y_dev).float().mean().item()
 
-    print(f"{len(train)} training sentences, {len(dev)} dev; unit {unit}; dev accuracy at the start "
+    print(f"{len(train)} training texts, {len(dev)} dev; unit {unit}; dev accuracy at the start "
           f"{dev_accuracy():.3f}", flush=True)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     model.train()
