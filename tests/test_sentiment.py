@@ -458,3 +458,23 @@ def test_binding_steering_and_finding_work_for_every_cell(tmp_path, cell, read):
     r = run_cli("neuron", "find", run, tsv, "--neuron", "0", "--no-save", "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["state"] == ("h" if cell in ("gru", "rnn") else "c")
+
+
+def test_reading_probe_trains_the_unit_and_reports_dev_accuracy(bound, tmp_path):
+    """benchmarks/reading_probe.py end to end on the toy model: the unit's dev accuracy is printed as it learns."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "reading_probe.py"
+    before = ckm.load(ckm.resolve(bound["run"]))["model"]
+    r = subprocess.run([sys.executable, str(script), str(bound["run"]), "--train", str(bound["train"]),
+                        "--dev", str(bound["test"]), "--minutes", "0.1", "--every", "5", "--chars", "30",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("600 training texts, 200 dev; unit 0")
+    steps = [ln for ln in lines if " step " in ln]
+    assert steps and all(0.0 <= float(ln.split("dev ")[1]) <= 1.0 for ln in steps)
+    assert lines[-1].startswith("best dev accuracy")
+    after = ckm.load(ckm.resolve(bound["run"]))["model"]  # nothing is saved
+    assert all(torch.equal(before[k], after[k]) for k in before)
