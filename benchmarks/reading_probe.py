@@ -24,6 +24,7 @@ import torch.nn.functional as F
 def main() -> None:
     from charrnn import checkpoint as ckm
     from charrnn import sentiment as sm
+    from charrnn.config import TrainConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
@@ -42,7 +43,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, vocab, ck = ckm.load_model(args.checkpoint)
-    unit = (ck.get("sentiment") or {}).get("unit", sm.BOUND_UNIT)
+    rec = ck.get("sentiment") or {}
+    unit = rec.get("unit", sm.BOUND_UNIT)
+    scale = sm.LOGIT_SCALE / rec.get("train_clamp", TrainConfig.sentiment_clamp)  # as the binding's reading loss
     part = sm.state_names(model).index(sm.default_state(model))
 
     def load(paths, chars=0):
@@ -77,7 +80,7 @@ def main() -> None:
         for b0 in range(0, len(order) - args.batch + 1, args.batch):
             rows = order[b0 : b0 + args.batch]
             v = values([train[i] for i in rows])
-            loss = F.binary_cross_entropy_with_logits(sm.LOGIT_SCALE / 2.0 * v, y_train[rows])
+            loss = F.binary_cross_entropy_with_logits(scale * v, y_train[rows])
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

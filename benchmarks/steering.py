@@ -91,9 +91,7 @@ def main() -> None:
     from charrnn import sentiment as sm
     from charrnn.checkpoint import load_model
     from charrnn.data import iter_corpus_text, read_labeled
-    from charrnn.sample import SampleConfig, generate
-
-    from charrnn.sample import SENTIMENT_GUIDANCE
+    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, generate
 
     if args.guidance is None:  # what `sample --sentiment` does by default
         args.guidance = SENTIMENT_GUIDANCE

@@ -193,11 +193,9 @@ def sample(
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
     from charrnn import ui
-    from charrnn.sample import SampleConfig, clean_prime, generate, validate
+    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, validate
     from charrnn.checkpoint import load_model
     from charrnn.train import pick_device
-
-    from charrnn.sample import SENTIMENT_GUIDANCE
 
     if guidance is None:
         guidance = SENTIMENT_GUIDANCE if sentiment is not None else 0.0

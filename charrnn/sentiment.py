@@ -124,8 +124,9 @@ def final_states(model, vocab: Vocab, texts: list[str], batch_size: int = 128) -
         for b0 in range(0, len(order), batch_size):
             rows = order[b0 : b0 + batch_size]
             ends = run_to_ends(model, [ids[i] for i in rows], device)
+            where = torch.tensor(rows)
             for k, name in enumerate(names):
-                out[name][torch.tensor(rows)] = torch.stack([e[k] for e in ends]).float().cpu()
+                out[name][where] = torch.stack([e[k] for e in ends]).float().cpu()
     return out
 
 
@@ -447,15 +448,17 @@ class Binding:
         # closed to dodge the loss while the labels were still unreadable (measured: h of 0.001 at the
         # end of every SST-2 sentence, 50% accuracy) and the gradient died with it.
         self._scale = LOGIT_SCALE / (cfg.sentiment_clamp if "c" in self.names else math.tanh(cfg.sentiment_clamp))
+        self.part = self.names.index(default_state(self.model))  # the state part the reading losses look at
         self._trace: list = []
         self.top = self.model.config.layers - 1
         self._labels = None
         self._free = None
         self._read = None  # (id sequences, labels) of the current step's reading pass
-        data = trainer.train_data
+        self.data = trainer.train_data
         self.nl = trainer.vocab.stoi.get("\n")
-        self.spans = text_spans(data, train_labels, self.nl) if self.nl is not None else torch.empty(3, 0, dtype=torch.long)
-        self.data = data
+        self.spans = torch.empty(3, 0, dtype=torch.long)  # the reading pass's texts, found only when it runs
+        if cfg.sentiment_read_batch > 0 and self.nl is not None:
+            self.spans = text_spans(self.data, train_labels, self.nl)
         self._forced = self._values = None  # (T, B) of the current step: forced characters, their values
         self.hook = None  # the model hook for the current step, set by before_step
         old = self.extra.get("sentiment") or {}
@@ -501,7 +504,7 @@ class Binding:
         `trace`, the unit's value as the cell computed it (c, or h without a cell state) is appended
         there at every step, before any fixing: what the per-character reading loss reads."""
         steps = forced.any(1).tolist()
-        part = self.names.index("c") if "c" in self.names else 0
+        part = self.part
 
         def hook(layer: int, t: int, state):
             if layer != self.top:
@@ -522,16 +525,15 @@ class Binding:
     def extra_loss(self, carry, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
         """The binding's terms beside the language-model loss (see the class docstring)."""
         total = logits.new_zeros((), dtype=torch.float32)
-        part = self.names.index("c") if "c" in self.names else 0
         if self._read is not None:  # the reading pass: the loss after each text's last character
             seqs, labels = self._read
             ends = run_to_ends(self.model, seqs, logits.device)
-            v = torch.stack([e[part][self.top, BOUND_UNIT] for e in ends]).float()
+            v = torch.stack([e[self.part][self.top, BOUND_UNIT] for e in ends]).float()
             self._observe(v.detach().cpu(), labels)
             total = total + self.cfg.sentiment_weight * F.binary_cross_entropy_with_logits(
                 self._scale * v, labels.to(v.device))
         else:  # the loss at every character of the free reviews in the streamed batch
-            self._observe(carry[part][-1, :, BOUND_UNIT].detach().float().cpu()[self._free],
+            self._observe(carry[self.part][-1, :, BOUND_UNIT].detach().float().cpu()[self._free],
                           self._labels[:, -1][self._free])
             lab = self._labels.to(logits.device)
             known = (lab == 0) | (lab == 1)  # characters of free reviews
