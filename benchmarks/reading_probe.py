@@ -7,7 +7,8 @@ reading pass can reach in the same time on the same data, not a way to make a mo
 saved): the language model is not trained meanwhile.
 
     python benchmarks/reading_probe.py RUN --train sst2_train.tsv [uci_*.tsv ...] --dev sst2_dev.tsv [--minutes 8]
-        [--chars 256: long reviews cut to their last 256 characters]
+        [--chars 256: long reviews cut to their last 256 characters] [--steps N: stop after N steps]
+        [--dropout P: dropout between the layers while training] [--weight-decay W: AdamW's]
 """
 
 from __future__ import annotations
@@ -37,12 +38,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chars", type=int, default=0, help="train on the last CHARS characters of each text (0: whole)")
+    ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: only the time limit)")
+    ap.add_argument("--dropout", type=float, default=None, help="dropout between layers while training (default: the run's)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay (AdamW)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, vocab, ck = ckm.load_model(args.checkpoint)
+    if args.dropout is not None:
+        model.drop.p = args.dropout
+        if hasattr(model, "rnn"):
+            model.rnn.dropout = args.dropout
     rec = ck.get("sentiment") or {}
     unit = rec.get("unit", sm.BOUND_UNIT)
     scale = sm.LOGIT_SCALE / rec.get("train_clamp", TrainConfig.sentiment_clamp)  # as the binding's reading loss
@@ -71,11 +79,14 @@ def main() -> None:
 
     print(f"{len(train)} training texts, {len(dev)} dev; unit {unit}; dev accuracy at the start "
           f"{dev_accuracy():.3f}", flush=True)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model.train()
     t0, step, best = time.perf_counter(), 0, 0.0
     order = list(range(len(train)))
-    while time.perf_counter() - t0 < args.minutes * 60:
+    def done() -> bool:
+        return time.perf_counter() - t0 >= args.minutes * 60 or (args.steps and step >= args.steps)
+
+    while not done():
         rng.shuffle(order)
         for b0 in range(0, len(order) - args.batch + 1, args.batch):
             rows = order[b0 : b0 + args.batch]
@@ -90,7 +101,7 @@ def main() -> None:
                 acc = dev_accuracy()
                 best = max(best, acc)
                 print(f"{time.perf_counter() - t0:6.0f}s  step {step:5d}  loss {loss.item():.3f}  dev {acc:.3f}", flush=True)
-            if time.perf_counter() - t0 >= args.minutes * 60:
+            if done():
                 break
     print(f"best dev accuracy {best:.3f}; last {dev_accuracy():.3f} after {step} steps")
 

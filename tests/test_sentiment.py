@@ -478,3 +478,17 @@ def test_reading_probe_trains_the_unit_and_reports_dev_accuracy(bound, tmp_path)
     assert lines[-1].startswith("best dev accuracy")
     after = ckm.load(ckm.resolve(bound["run"]))["model"]  # nothing is saved
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_reading_probe_stops_after_steps_with_dropout(bound):
+    """--steps ends the probe at that step count, before its time limit; --dropout trains with it."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "reading_probe.py"
+    r = subprocess.run([sys.executable, str(script), str(bound["run"]), "--train", str(bound["train"]),
+                        "--dev", str(bound["test"]), "--minutes", "5", "--steps", "7", "--every", "100",
+                        "--dropout", "0.3", "--weight-decay", "0.01", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].endswith("after 7 steps")
