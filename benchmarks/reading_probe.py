@@ -53,8 +53,8 @@ def main() -> None:
             model.rnn.dropout = args.dropout
     rec = ck.get("sentiment") or {}
     unit = rec.get("unit", sm.BOUND_UNIT)
-    scale = sm.LOGIT_SCALE / rec.get("train_clamp", TrainConfig.sentiment_clamp)  # as the binding's reading loss
-    part = sm.state_names(model).index(sm.default_state(model))
+    # the logit scale of the binding's reading loss (tanh of the clamp for h, without a cell state)
+    scale = sm.reading_scale(model, rec.get("train_clamp", TrainConfig.sentiment_clamp))
 
     def load(paths, chars=0):
         seqs, ys = [], []
@@ -68,7 +68,7 @@ def main() -> None:
     dev, y_dev = load([args.dev])  # dev texts whole, as `neuron find` reads them
 
     def values(seqs):
-        return torch.stack([e[part][-1, unit] for e in sm.run_to_ends(model, seqs, "cpu")]).float()
+        return sm.unit_at_ends(model, seqs, "cpu", unit)
 
     @torch.no_grad()
     def dev_accuracy() -> float:

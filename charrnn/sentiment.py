@@ -73,6 +73,12 @@ def default_state(model) -> str:
     return "c" if "c" in state_names(model) else "h"
 
 
+def reading_scale(model, clamp: float) -> float:
+    """The reading losses' logit per unit of the bound unit's value: logit = scale * value, so the
+    forced value (c = clamp, or h = tanh(clamp) without a cell state) reads as about 98% sure."""
+    return LOGIT_SCALE / (clamp if "c" in state_names(model) else math.tanh(clamp))
+
+
 def _ids(text: str, vocab: Vocab) -> list[int]:
     stoi = vocab.stoi
     lead = [stoi["\n"]] if "\n" in stoi else []  # a text starts after a newline, as reviews do in training
@@ -109,6 +115,13 @@ def run_to_ends(model, seqs: list[list[int]], device) -> list[tuple[torch.Tensor
         state = tuple(s[:, stop - first :].contiguous() for s in state)
         first = stop
     return out
+
+
+def unit_at_ends(model, seqs: list[list[int]], device, unit: int = BOUND_UNIT) -> torch.Tensor:
+    """(N,) float: the top-layer unit's value (c, or h without a cell state: the state `neuron find`
+    reads) after each id sequence's last id, run from the zero state (see run_to_ends)."""
+    part = state_names(model).index(default_state(model))
+    return torch.stack([e[part][-1, unit] for e in run_to_ends(model, seqs, device)]).float()
 
 
 def final_states(model, vocab: Vocab, texts: list[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
@@ -443,11 +456,10 @@ class Binding:
         self.batcher = StreamBatcher(train_labels, cfg.batch_size, cfg.seq_len)
         self.names = state_names(self.model)
         self.state = "c+h" if "c" in self.names else "h"
-        # free reviews: logit = scale * value, so the forced value (c = clamp, or h = tanh(clamp)) reads as
-        # about 98% sure. The loss is on c, the state `neuron find` reads: on h, the unit's output gate
+        # reading losses: logit = scale * value (see reading_scale). The loss is on c, the state `neuron find` reads: on h, the unit's output gate
         # closed to dodge the loss while the labels were still unreadable (measured: h of 0.001 at the
         # end of every SST-2 sentence, 50% accuracy) and the gradient died with it.
-        self._scale = LOGIT_SCALE / (cfg.sentiment_clamp if "c" in self.names else math.tanh(cfg.sentiment_clamp))
+        self._scale = reading_scale(self.model, cfg.sentiment_clamp)
         self.part = self.names.index(default_state(self.model))  # the state part the reading losses look at
         self._trace: list = []
         self.top = self.model.config.layers - 1
@@ -527,8 +539,7 @@ class Binding:
         total = logits.new_zeros((), dtype=torch.float32)
         if self._read is not None:  # the reading pass: the loss after each text's last character
             seqs, labels = self._read
-            ends = run_to_ends(self.model, seqs, logits.device)
-            v = torch.stack([e[self.part][self.top, BOUND_UNIT] for e in ends]).float()
+            v = unit_at_ends(self.model, seqs, logits.device)
             self._observe(v.detach().cpu(), labels)
             total = total + self.cfg.sentiment_weight * F.binary_cross_entropy_with_logits(
                 self._scale * v, labels.to(v.device))
