@@ -103,7 +103,8 @@ def main() -> None:
                 print(f"{time.perf_counter() - t0:6.0f}s  step {step:5d}  loss {loss.item():.3f}  dev {acc:.3f}", flush=True)
             if done():
                 break
-    print(f"best dev accuracy {best:.3f}; last {dev_accuracy():.3f} after {step} steps")
+    last = dev_accuracy()
+    print(f"best dev accuracy {max(best, last):.3f}; last {last:.3f} after {step} steps")
 
 
 if __name__ == "__main__":
