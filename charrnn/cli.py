@@ -145,7 +145,7 @@ def train(
         cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value, sentiment_unit=sentiment_unit,
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
-            cfg.time_s = parse_duration(time)
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "time_s": parse_duration(time)})  # the config is frozen
         trainer = Trainer.new(corpus, cfg, run_dir=run, init_from=init_from, home=HOME, callback=display)
     # The Trainer takes SIGINT/SIGTERM while it runs and hands them back when its last save is on
     # disk. One that comes after that (the run is complete) must not kill the process on its way

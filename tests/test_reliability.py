@@ -217,6 +217,7 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
 
 def test_best_only_replaced_by_better_and_files_never_rewritten(tmp_path, corpus):
     from charrnn.config import TrainConfig
+    from charrnn.events import TrainEvents
     from charrnn.train import Trainer
 
     run = tmp_path / "run"
@@ -224,12 +225,13 @@ def test_best_only_replaced_by_better_and_files_never_rewritten(tmp_path, corpus
     vals: list[float] = []
     not_best = 0
 
-    def callback(event, d):
-        nonlocal not_best
-        if event == "eval":
-            vals.append(d["val_loss"])
-            not_best += not d["best"]
-        if event == "save":
+    class Check(TrainEvents):
+        def on_eval(self, e):
+            nonlocal not_best
+            vals.append(e.val_loss)
+            not_best += not e.best
+
+        def on_save(self, e):
             for p in run.glob(ckm.CKPT_GLOB):
                 assert seen.setdefault(p.name, digest(p)) == digest(p), f"{p.name} was rewritten"
             infos = ckm.list_checkpoints(run)
@@ -238,7 +240,7 @@ def test_best_only_replaced_by_better_and_files_never_rewritten(tmp_path, corpus
 
     cfg = TrainConfig(hidden=32, layers=1, seq_len=16, batch_size=8, steps=60, eval_every=2, keep=1,
                       lr=0.3, warmup_steps=0, threads=1)
-    Trainer.new([corpus], cfg, run_dir=run, callback=callback).run()
+    Trainer.new([corpus], cfg, run_dir=run, callback=Check()).run()
     assert not_best > 0, "the run never got worse, so the test proved nothing"
     assert ckm.best_of(ckm.list_checkpoints(run)).val_loss == min(vals)
 

@@ -11,16 +11,16 @@ from charrnn import checkpoint as ckm
 from charrnn.config import TrainConfig
 from charrnn.train import Trainer, lr_at
 
-from conftest import make_text
+from conftest import Recorder, make_text
 
 SMALL = dict(hidden=32, layers=1, seq_len=16, batch_size=8, threads=1)
 
 
 def _train(corpus, run, **kw):
     cfg = TrainConfig(**{**SMALL, **kw})
-    events = []
-    t = Trainer.new([corpus], cfg, run_dir=run, callback=lambda e, d: events.append((e, d)))
-    return t.run(), events
+    rec = Recorder()
+    t = Trainer.new([corpus], cfg, run_dir=run, callback=rec)
+    return t.run(), rec.events
 
 
 def test_loss_falls_and_run_folder_is_complete(corpus, tmp_path):
@@ -93,7 +93,7 @@ def test_time_budget_stops_on_time(corpus, tmp_path):
     summary, events = _train(corpus, tmp_path / "run", time_s=3.0)
     assert 2.5 <= summary["elapsed_s"] < 8
     start = [d for e, d in events if e == "start"][0]
-    assert start["time_budget_s"] == 3.0
+    assert start.time_budget_s == 3.0
     # the schedule was fitted to the budget: the last step is near the schedule's end
     ck = ckm.load(ckm.resolve(tmp_path / "run"))
     st = ck["train"]["state"]
