@@ -57,6 +57,17 @@ class RunState:
         """The run ends on its time budget, not after a number of steps."""
         return self.time_budget_s is not None
 
+    def fit_to_budget(self, steps_done: int, spent_s: float) -> bool:
+        """Set the schedule's length from the speed of this session's `steps_done` steps in `spent_s`
+        (and the evaluation interval, the first time, unless given); False when too little was measured."""
+        if steps_done < 5 or spent_s <= 0:
+            return False
+        left = self.time_budget_s - self.elapsed_s
+        self.total_steps = max(self.step + 1, self.step + int(left * steps_done / spent_s))
+        if self.eval_every is None:
+            self.eval_every = max(10, (self.total_steps - self.step) // EVALS_PER_RUN)
+        return True
+
     def eval_due(self) -> bool:
         return bool(self.eval_every and self.step % self.eval_every == 0) or self.step >= self.total_steps
 

@@ -18,7 +18,7 @@ import torch
 
 from charrnn import checkpoint as ckpt_mod
 from charrnn.assemble import Parts, new_run, payload, resumed_run
-from charrnn.config import EVALS_PER_RUN, TrainConfig
+from charrnn.config import TrainConfig
 from charrnn.data import StreamBatcher
 from charrnn.device import Precision, autocast_dtype, pick_device  # noqa: F401 (the CLI and bench import them from here)
 from charrnn.evaluation import evaluate
@@ -213,20 +213,14 @@ class Trainer:
         self._warn(self.recovery.halve_lr(bad_step, save=lambda: self.save(None)))
 
     def _estimate_total(self, session: _Session) -> None:
-        """For a time budget: set the schedule's length from the speed measured so far."""
+        """For a time budget: fit the schedule's length to the speed measured so far (after 20 and 100
+        steps of this session, then at every evaluation)."""
         st = self.state
         done = st.step - session.step0
         if not (done in (20, 100) or (st.eval_every and st.step % st.eval_every == 0)):
             return
-        spent = time.perf_counter() - session.t0
-        if done < 5 or spent <= 0:
-            return
-        left = st.time_budget_s - st.elapsed_s
-        st.total_steps = max(st.step + 1, st.step + int(left * done / spent))
-        if st.eval_every is None:
-            st.eval_every = max(10, (st.total_steps - st.step) // EVALS_PER_RUN)
-        if self.dist.enabled:  # rank 0's estimate, on every process
-            total, every = self.dist.broadcast([float(st.total_steps), float(st.eval_every)])
+        if st.fit_to_budget(done, time.perf_counter() - session.t0) and self.dist.enabled:
+            total, every = self.dist.broadcast([float(st.total_steps), float(st.eval_every)])  # rank 0's, everywhere
             st.total_steps, st.eval_every = int(total), int(every)
 
     # ------------------------------------------------------------ reporting, evaluation, saving
