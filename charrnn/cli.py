@@ -449,7 +449,7 @@ def bench(
     sample_length: Annotated[int, typer.Option(min=10, help="Characters generated per sampling measurement.")] = 2000,
     num: Annotated[int, typer.Option(min=2, help="Streams for the batched sampling measurement.")] = 64,
     big_mb: Annotated[int, typer.Option(min=1, help="Size of the synthetic corpus for the 'big' section, in MB.")] = 500,
-    quality_corpus: Annotated[Path, typer.Option(help="Corpus for the 'quality' section.")] = Path("../shared/corpora/tinyshakespeare.txt"),
+    quality_corpus: Annotated[Path, typer.Option(help="Corpus for the 'quality' section ('charrnn corpus get tinyshakespeare' puts it there).")] = Path("corpora/tinyshakespeare.txt"),
     quality_budget: Annotated[str, typer.Option(help="Time budget for the 'quality' section.")] = "5m",
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the big and quality sections.")] = Path("bench-work"),
     device: Annotated[str, typer.Option(help="Device for the 'train' section: cpu or cuda (mixed precision on both sides).")] = "cpu",
