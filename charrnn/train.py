@@ -26,6 +26,7 @@ from charrnn.data import StreamBatcher, Vocab, load_corpus, split
 from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, TrainingDiverged, UsageError
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.objective import LanguageModelObjective
 
 Callback = Callable[[str, dict], None]
 LOG_EVERY = 10  # steps between "step" events and metrics lines
@@ -175,7 +176,7 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     dist = Dist.from_env()
     if dist.enabled:
         dist.check_batch(cfg.batch_size)
-        if cfg.sentiment_unit:
+        if cfg.sentiment.unit:
             raise UsageError("--sentiment-unit runs in one process; start it without torchrun")
         dist.setup(device.type)
         device = dist.device(device)
@@ -205,11 +206,9 @@ class Trainer:
         self.amp_dtype = autocast_dtype(device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         self.carry = model.init_state(self.local_batch, device)
-        self.extra: dict = {}  # other checkpoint fields carried along (e.g. a sentiment unit)
-        # Extension point: an object with before_step(step, carry) -> carry (called right before the
-        # forward pass) and extra_loss(carry, x, y, carry_in, logits) -> tensor (added to the objective, not to the reported loss).
-        # Used by `train --sentiment-unit` (charrnn.sentiment.Binding); None in plain runs.
-        self.binding = None
+        # What each step minimises (charrnn/objective.py): the plain language model, or the bound one
+        # of `train --sentiment-unit`; set by _attach_objective.
+        self.objective = LanguageModelObjective()
         self._stop_signal: int | None = None
         self._good: dict | None = None
         self._last_saved_step: int | None = None
@@ -283,9 +282,7 @@ class Trainer:
             _check_writable(run_dir)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, state, device, callback)
-        if init is not None and init.get("sentiment"):
-            trainer.extra["sentiment"] = init["sentiment"]
-        trainer._attach_binding()
+        trainer._attach_objective(init.get("sentiment") if init is not None else None)
         return trainer
 
     @classmethod
@@ -335,21 +332,27 @@ class Trainer:
         torch.set_rng_state(ck["rng"]["torch"])
         if dev.type == "cuda" and ck["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        if ck.get("sentiment"):
-            trainer.extra["sentiment"] = ck["sentiment"]
-        trainer._attach_binding()
+        trainer._attach_objective(ck.get("sentiment"))
         if dist.main:
             trainer._truncate_metrics(st.step)
         if ck.get("val_loss") is not None:
             trainer._last_saved_step = st.step  # already evaluated and saved: the end need not redo it
         return trainer
 
-    def _attach_binding(self) -> None:
-        """Install the sentiment binding when the run asks for it (TrainConfig.sentiment_unit)."""
-        if self.cfg.sentiment_unit:
-            from charrnn.sentiment import Binding
+    def _attach_objective(self, record: dict | None) -> None:
+        """The run's objective: bound when it asks for it (SentimentConfig.unit), else the plain one.
+        `record` is the unit record of the checkpoint the run starts from: carried into this run's
+        checkpoints, or continued by the binding."""
+        from charrnn.neuron.steer import upgrade_record
 
-            self.binding = Binding.for_trainer(self)
+        record = upgrade_record(record) or None
+        if not self.cfg.sentiment.unit:
+            self.objective = LanguageModelObjective(record)
+            return
+        from charrnn.neuron.bind import BoundObjective
+
+        self.objective = BoundObjective(self.model, self.cfg, self.corpus, self.train_data,
+                                        len(self.train_data) + len(self.val_data), self.vocab.stoi.get("\n"), record)
 
     # ------------------------------------------------------------ checkpoints and metrics
 
@@ -358,6 +361,7 @@ class Trainer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state_all()
         state = dict(self.state.__dict__)
+        record = self.objective.record()  # the unit record: bound here, or carried from the checkpoint
         return {
             "model_config": self.model.config.to_dict(),
             "vocab": self.vocab.chars,
@@ -372,7 +376,7 @@ class Trainer:
                 "step": self.state.step,
                 "carry": tuple(s.detach().cpu() for s in self._full_carry),
             },
-            **self.extra,
+            **({"sentiment": record} if record else {}),
         }
 
     def save(self, val_loss: float | None) -> Path:
@@ -501,11 +505,8 @@ class Trainer:
             g["lr"] = lr
         self._test_poison()
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            if self.binding is not None:
-                self.carry = self.binding.before_step(st.step, self.carry)
-            hook = None if self.binding is None else self.binding.hook
-            logits, loss, carry = self.net(x, y, self.carry, hook=hook)
-            objective = loss if self.binding is None else loss + self.binding.extra_loss(carry, x, y, self.carry, logits)
+            self.carry = self.objective.before_step(st.step, self.carry)
+            loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(objective).backward()
