@@ -24,8 +24,10 @@ import torch.nn.functional as F
 
 def main() -> None:
     from charrnn import checkpoint as ckm
-    from charrnn import sentiment as sm
-    from charrnn.config import TrainConfig
+    from charrnn import neuron as sm
+    from charrnn.config import SentimentConfig
+    from charrnn.neuron.find import load_examples
+    from charrnn.neuron.states import text_ids
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
@@ -51,16 +53,16 @@ def main() -> None:
         model.drop.p = args.dropout
         if hasattr(model, "rnn"):
             model.rnn.dropout = args.dropout
-    rec = ck.get("sentiment") or {}
+    rec = sm.upgrade_record(ck.get("sentiment")) or {}
     unit = rec.get("unit", sm.BOUND_UNIT)
-    # the logit scale of the binding's reading loss (tanh of the clamp for h, without a cell state)
-    scale = sm.reading_scale(model, rec.get("train_clamp", TrainConfig.sentiment_clamp))
+    # the logit scale of the binding's reading loss (tanh of the fixed value for h, without a cell state)
+    scale = sm.reading_scale(model, rec.get("train_value", SentimentConfig.value))
 
     def load(paths, chars=0):
         seqs, ys = [], []
         for p in paths:
-            ex = sm.load_examples(p, vocab)
-            seqs += [sm._ids(t[-chars:] if chars else t, vocab) for t in ex.texts]
+            ex = load_examples(p, vocab)
+            seqs += [text_ids(t[-chars:] if chars else t, vocab) for t in ex.texts]
             ys += ex.labels.tolist()
         return seqs, torch.tensor(ys)
 

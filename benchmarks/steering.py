@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -40,14 +39,14 @@ def frac_positive(judge, texts: list[str]) -> float:
 @torch.no_grad()
 def heldout_loss(model, vocab, texts: list[str], labels: list[int], rec: dict | None, mode: str) -> torch.Tensor:
     """Nats/char of each text (N,), stepping one character at a time with the unit free, matched or opposite."""
-    from charrnn import sentiment as sm
+    from charrnn.neuron import hook_for
 
     ids = torch.tensor([[vocab.stoi["\n"]] + vocab.encode(t) for t in texts])  # (N, L+1), equal lengths
     hook = None
     if mode != "free":  # each row gets its own label's value (or the opposite one)
         pos = torch.tensor(labels) == (1 if mode == "matched" else 0)
-        values = torch.where(pos, torch.tensor(float(rec["clamp"]["positive"])), torch.tensor(float(rec["clamp"]["negative"])))
-        hook = sm.hook_for(model, rec["unit"], values, rec["state"], rec["layer"])
+        values = torch.where(pos, torch.tensor(float(rec["fix_values"]["positive"])), torch.tensor(float(rec["fix_values"]["negative"])))
+        hook = hook_for(model, rec["unit"], values, rec["state"], rec["layer"])
     state = model.init_state(len(texts))
     total = torch.zeros(len(texts), dtype=torch.float64)
     for t in range(ids.shape[1] - 1):
@@ -85,10 +84,10 @@ def main() -> None:
     ap.add_argument("--samples-out", help="write every sample as JSON lines here")
     ap.add_argument("--guidance", type=float, default=None, help="as sample --guidance [default: sample's, 0.25]")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as sample --precision")
-    ap.add_argument("--value", type=float, help="fix the unit at +-VALUE (the positive side's sign) instead of the stored clamp values")
+    ap.add_argument("--value", type=float, help="fix the unit at +-VALUE (the positive side's sign) instead of the stored fix values")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from charrnn import sentiment as sm
+    from charrnn import neuron as sm
     from charrnn.checkpoint import load_model
     from charrnn.data import iter_corpus_text, read_labeled
     from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, generate
@@ -99,8 +98,8 @@ def main() -> None:
     model, vocab, ck = load_model(args.checkpoint)
     rec = sm.get_record(ck)
     if args.value is not None:  # as `sample --sentiment S --value V`, with V's sign taken from the record
-        side = 1.0 if rec["clamp"]["positive"] >= rec["clamp"]["negative"] else -1.0
-        rec = {**rec, "clamp": {"positive": side * abs(args.value), "negative": -side * abs(args.value)}}
+        side = 1.0 if rec["fix_values"]["positive"] >= rec["fix_values"]["negative"] else -1.0
+        rec = {**rec, "fix_values": {"positive": side * abs(args.value), "negative": -side * abs(args.value)}}
         ck = {**ck, "sentiment": rec}
     judge = judges()
     samples = {}

@@ -16,6 +16,7 @@ from charrnn.device import pick_device, setup_distributed
 from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN, ModelConfig
+from charrnn.objective import LanguageModelObjective, Objective
 from charrnn.runfolder import RunFolder, default_run_dir, newest_checkpoint, refuse_existing_run
 from charrnn.runstate import RunState
 
@@ -37,7 +38,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     rows: slice  # this process's streams of the batch
     carry: tuple  # the recurrent state carried into the next step, for this process's streams
-    extra: dict  # other checkpoint fields carried along (e.g. a sentiment unit)
+    objective: Objective  # what each step minimises (charrnn/objective.py)
     evaluated: bool  # the current step is already evaluated and saved (a resume from an evaluated checkpoint)
 
 
@@ -54,9 +55,9 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
     model_config = ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(home), corpus, cfg)
-    extra = {"sentiment": init["sentiment"]} if init is not None and init.get("sentiment") else {}
     return _assemble(cfg, corpus, vocab, train_data, val_data, state, run_dir, model_config,
-                     weights=init["model"] if init is not None else None, extra=extra)
+                     weights=init["model"] if init is not None else None,
+                     record=init.get("sentiment") if init is not None else None)
 
 
 def _load_new_corpus(corpus: list[Path], cfg: TrainConfig, init_from: Path | None, init: dict | None):
@@ -94,17 +95,17 @@ def resumed_run(run_dir: Path, threads: int | None = None, device: str | None = 
     train_data, val_data = split(data, cfg.val_frac)
     state = RunState.from_checkpoint(ck["train"]["state"], cfg)
     return _assemble(cfg, corpus, vocab, train_data, val_data, state, run_dir, ModelConfig(**ck["model_config"]),
-                     weights=ck["model"], extra={"sentiment": ck["sentiment"]} if ck.get("sentiment") else {},
-                     saved=ck)
+                     weights=ck["model"], record=ck.get("sentiment"), saved=ck)
 
 
 def _assemble(cfg: TrainConfig, corpus: list[Path], vocab: Vocab, train_data: torch.Tensor,
               val_data: torch.Tensor, state: RunState, run_dir: Path, model_config: ModelConfig,
-              weights: dict | None, extra: dict, saved: dict | None = None) -> Parts:
-    """The shared assembly: device and process group, model, optimiser, carried state and folder.
+              weights: dict | None, record: dict | None, saved: dict | None = None) -> Parts:
+    """The shared assembly: device and process group, model, optimiser, objective, carried state and folder.
 
-    `saved` is the checkpoint a resumed run continues: its optimiser, carried state and random
-    state are restored, so the run goes on exactly as if it had never stopped.
+    `record` is the unit record of the checkpoint the run starts from (see _objective). `saved` is
+    the checkpoint a resumed run continues: its optimiser, carried state and random state are
+    restored, so the run goes on exactly as if it had never stopped.
     """
     device, dist = setup_distributed(cfg)
     torch.manual_seed(cfg.seed)  # the initial weights of a new run (a resumed one loads its own)
@@ -125,13 +126,29 @@ def _assemble(cfg: TrainConfig, corpus: list[Path], vocab: Vocab, train_data: to
         if device.type == "cuda" and saved["rng"].get("cuda"):
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         folder.truncate_metrics(state.step)
+    objective = _objective(cfg, model, corpus, vocab, train_data, len(train_data) + len(val_data), record)
     return Parts(cfg, corpus, vocab, train_data, val_data, state, folder, device, dist, model, optimizer, rows,
-                 carry, extra, evaluated=saved is not None and saved.get("val_loss") is not None)
+                 carry, objective, evaluated=saved is not None and saved.get("val_loss") is not None)
+
+
+def _objective(cfg: TrainConfig, model: CharRNN, corpus: list[Path], vocab: Vocab, train_data: torch.Tensor,
+               total_chars: int, record: dict | None) -> Objective:
+    """Bound when the run asks for it (SentimentConfig.unit), else the plain one. `record` is carried
+    into this run's checkpoints, or continued by the binding."""
+    from charrnn.neuron.steer import upgrade_record
+
+    record = upgrade_record(record) or None
+    if not cfg.sentiment.unit:
+        return LanguageModelObjective(record)
+    from charrnn.neuron.bind import BoundObjective
+
+    return BoundObjective(model, cfg, corpus, train_data, total_chars, vocab.stoi.get("\n"), record)
 
 
 def payload(t, val_loss: float | None, carry: tuple) -> dict:
     """The checkpoint of a run `t` (a Trainer) at its current step; `carry` holds all B streams."""
     rng = {"torch": torch.get_rng_state()}
+    record = t.objective.record()  # the unit record: bound here, or carried from the checkpoint
     if t.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
@@ -148,5 +165,5 @@ def payload(t, val_loss: float | None, carry: tuple) -> dict:
             "step": t.state.step,
             "carry": tuple(s.detach().cpu() for s in carry),
         },
-        **t.extra,
+        **({"sentiment": record} if record else {}),
     }

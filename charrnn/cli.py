@@ -17,7 +17,8 @@ import typer
 from charrnn import __version__
 from charrnn.cli_corpus import corpus_app
 from charrnn.cli_errors import handle_errors
-from charrnn.cli_neuron import neuron_app
+from charrnn.cli_neuron import StateKind, neuron_app
+from charrnn.config import SentimentConfig
 
 app = typer.Typer(
     help="Train character-level recurrent language models, sample from them, and steer them.",
@@ -46,11 +47,6 @@ class Cell(str, Enum):
 class Sentiment(str, Enum):
     positive = "positive"
     negative = "negative"
-
-
-class StateKind(str, Enum):
-    c = "c"
-    h = "h"
 
 
 class Precision(str, Enum):
@@ -110,9 +106,10 @@ def train(
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
     encoding_errors: Annotated[Optional[str], typer.Option(help="'replace' to train on a file with invalid UTF-8 \\[default: strict].", show_default=False)] = None,
     sentiment_unit: Annotated[bool, typer.Option("--sentiment-unit", help="Bind unit 0 of the top layer to the labels of a labeled TSV corpus, for sample --sentiment.")] = False,
-    sentiment_contrast: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment-unit: weight of the loss asking forced reviews to be likelier under their own label than the opposite one \\[default: 5.0].", show_default=False)] = None,
-    sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: 0.75].", show_default=False)] = None,
-    sentiment_read: Annotated[Optional[int], typer.Option(min=0, help="With --sentiment-unit: a reading pass of N labeled texts per step, the loss after each one's last character, instead of a loss at every character of free reviews \\[default: 0].", show_default=False)] = None,
+    sentiment_contrast: Annotated[Optional[float], typer.Option(min=0.0, help=f"With --sentiment-unit: weight of the loss asking fixed reviews to be likelier under their own label than the opposite one \\[default: {SentimentConfig.contrast}].", show_default=False)] = None,
+    sentiment_fixed: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help=f"With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: {SentimentConfig.fixed}].", show_default=False)] = None,
+    sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, hidden=True, help="The old name of --sentiment-fixed.")] = None,
+    sentiment_read: Annotated[Optional[int], typer.Option(min=0, help=f"With --sentiment-unit: a reading pass of N labeled texts per step, the loss after each one's last character, instead of a loss at every character of free reviews \\[default: {SentimentConfig.read}].", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ):
     """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
@@ -137,12 +134,10 @@ def train(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
             keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
-            sentiment_contrast=sentiment_contrast, sentiment_clamp_frac=sentiment_forced,
-            sentiment_read_batch=sentiment_read,
         )
-        if not sentiment_unit and (sentiment_contrast, sentiment_forced, sentiment_read) != (None, None, None):
-            raise UsageError("--sentiment-contrast, --sentiment-forced and --sentiment-read tune --sentiment-unit; add --sentiment-unit")
-        cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value, sentiment_unit=sentiment_unit,
+        cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value,
+                          sentiment=_sentiment_config(sentiment_unit, sentiment_contrast, sentiment_fixed,
+                                                      sentiment_forced, sentiment_read),
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "time_s": parse_duration(time)})  # the config is frozen
@@ -165,6 +160,21 @@ def train(
         display.close()
     if summary["reason"] == "interrupted":
         raise typer.Exit(130 if summary.get("signal") == 2 else 143)
+
+
+def _sentiment_config(unit: bool, contrast: float | None, fixed: float | None, forced: float | None,
+                      read: int | None):
+    """The --sentiment-* options as a SentimentConfig (options not given keep its defaults)."""
+    from charrnn.errors import UsageError
+
+    if forced is not None:
+        if fixed is not None:
+            raise UsageError("--sentiment-forced is the old name of --sentiment-fixed; give only --sentiment-fixed")
+        fixed = forced
+    given = {"contrast": contrast, "fixed": fixed, "read": read}
+    if not unit and any(v is not None for v in given.values()):
+        raise UsageError("--sentiment-contrast, --sentiment-fixed and --sentiment-read tune --sentiment-unit; add --sentiment-unit")
+    return SentimentConfig(unit=unit, **{k: v for k, v in given.items() if v is not None})
 
 
 # ---------------------------------------------------------------- sample
@@ -203,7 +213,7 @@ def sample(
                        precision=precision.value, guidance=guidance)
     validate(cfg)
     model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir)
-    from charrnn.sentiment import steering_hook
+    from charrnn.neuron.steer import steering_hook
 
     hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
                             state.value if state else None, guided_rows=num if guidance > 0 else 0)
@@ -449,7 +459,7 @@ def bench(
     sample_length: Annotated[int, typer.Option(min=10, help="Characters generated per sampling measurement.")] = 2000,
     num: Annotated[int, typer.Option(min=2, help="Streams for the batched sampling measurement.")] = 64,
     big_mb: Annotated[int, typer.Option(min=1, help="Size of the synthetic corpus for the 'big' section, in MB.")] = 500,
-    quality_corpus: Annotated[Path, typer.Option(help="Corpus for the 'quality' section.")] = Path("../shared/corpora/tinyshakespeare.txt"),
+    quality_corpus: Annotated[Path, typer.Option(help="Corpus for the 'quality' section ('charrnn corpus get tinyshakespeare' puts it there).")] = Path("corpora/tinyshakespeare.txt"),
     quality_budget: Annotated[str, typer.Option(help="Time budget for the 'quality' section.")] = "5m",
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the big and quality sections.")] = Path("bench-work"),
     device: Annotated[str, typer.Option(help="Device for the 'train' section: cpu or cuda (mixed precision on both sides).")] = "cpu",

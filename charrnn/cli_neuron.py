@@ -18,20 +18,11 @@ neuron_app = typer.Typer(help="Find the sentiment unit of a model, and show a un
                          no_args_is_help=True)
 
 
-class StateChoice(str, Enum):
+class StateKind(str, Enum):
+    """A state part a unit is read or fixed on (also `sample --state`)."""
+
     c = "c"
     h = "h"
-
-
-def _examples(path: Path, vocab):
-    from charrnn import ui
-    from charrnn.sentiment import load_examples
-
-    ex = load_examples(path, vocab)
-    if ex.unknown:
-        ui.warn(f"{path}: characters the model never saw were skipped: {ex.unknown[:20]!r}"
-                + (f"; {ex.dropped} text(s) left empty were dropped" if ex.dropped else ""))
-    return ex
 
 
 @neuron_app.command("find")
@@ -42,7 +33,7 @@ def find(
     test: Annotated[Optional[Path], typer.Option(help="Labeled TSV to score on \\[default: a 20% split of LABELED].", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Labeled TSV to choose the regularisation on \\[default: a 20% split of LABELED].", show_default=False)] = None,
     all_layers: Annotated[bool, typer.Option("--all-layers", help="Search the units of every layer, not only the top one.")] = False,
-    state: Annotated[Optional[StateChoice], typer.Option(help="State to read \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
+    state: Annotated[Optional[StateKind], typer.Option(help="State to read \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
     neuron: Annotated[Optional[int], typer.Option(min=0, help="Score this top-layer unit instead of choosing one.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the checkpoint with its unit here \\[default: rewrite CHECKPOINT in place, atomically].", show_default=False)] = None,
     no_save: Annotated[bool, typer.Option("--no-save", help="Only report; do not store the unit.")] = False,
@@ -54,57 +45,32 @@ def find(
     import time
 
     from charrnn import checkpoint as ckm
-    from charrnn import sentiment as sm
     from charrnn import ui
+    from charrnn.neuron import find_sentiment_unit, set_record
 
     t0 = time.perf_counter()
     path = ckm.resolve(checkpoint)
     model, vocab, ck = ckm.load_model(path)
-    names = sm.state_names(model)
-    which = state.value if state else sm.default_state(model)
-    if which not in names:
-        from charrnn.errors import UsageError
-
-        raise UsageError(f"this {model.config.cell} model has no '{which}' state; use --state {names[0]}")
-    ex = _examples(labeled, vocab)
-    feats = sm.final_states(model, vocab, ex.texts)
-    y = ex.labels
-    parts = sm.split_examples(len(y), tuple([0.2] * ((val is None) + (test is None))), seed)
-    fit_idx = parts[-1]
-    sets = {}
-    k = 0
-    for name, given in (("val", val), ("test", test)):
-        if given is not None:
-            e = _examples(given, vocab)
-            sets[name] = (sm.final_states(model, vocab, e.texts), e.labels)
-        else:
-            idx = parts[k]
-            k += 1
-            sets[name] = (sm.take(feats, idx), y[idx])
-    if len(set(y[fit_idx].tolist())) < 2:
-        from charrnn.errors import DataError
-
-        raise DataError(f"{labeled}: too few examples of one class to fit on; add more labeled examples")
-    layers = list(range(model.config.layers)) if all_layers else [model.config.layers - 1]
-    res = sm.find_unit(sm.take(feats, fit_idx), y[fit_idx], *sets["val"], *sets["test"], which, layers, neuron)
+    res = find_sentiment_unit(model, vocab, labeled, test, val, state.value if state else None, all_layers, neuron,
+                              seed, on_warn=ui.warn)
     saved = None
     if not no_save:
         rec = res.record("find", fitted_on=str(labeled), lam=res.lam,
                          tested_on=str(test) if test else "split")
         ck.pop("path", None)
-        ck["sentiment"] = rec
+        set_record(ck, rec)
         saved = Path(out) if out else path
         ckm.save(saved, ck)
     summary = {"unit": res.unit, "polarity": res.polarity, "single_unit_accuracy": res.single_unit_accuracy,
                "all_units_accuracy": res.all_units_accuracy, "test_examples": res.test_examples}
     if json_out:
-        print(json.dumps({**summary, "layer": res.layer, "state": res.state, "clamp": res.clamp,
+        print(json.dumps({**summary, "layer": res.layer, "state": res.state, "fix_values": res.fix_values,
                           "val_single_unit_accuracy": res.val_single_unit_accuracy,
                           "val_all_units_accuracy": res.val_all_units_accuracy, "rank": res.rank,
                           "nonzero": res.nonzero, "saved": str(saved) if saved else None}))
     if not quiet:
         ui.neuron_find_table(res, str(path), str(labeled), str(test) if test else "a 20% split",
-                             len(fit_idx), str(saved) if saved else None, time.perf_counter() - t0)
+                             res.fit_examples, str(saved) if saved else None, time.perf_counter() - t0)
 
 
 @neuron_app.command("show")
@@ -114,14 +80,14 @@ def show(
     text: Annotated[Optional[str], typer.Argument(help="Text to show (or --file).", show_default=False)] = None,
     file: Annotated[Optional[Path], typer.Option(help="Read the text from this file.")] = None,
     neuron: Annotated[Optional[int], typer.Option(min=0, help="Show this top-layer unit \\[default: the checkpoint's sentiment unit].", show_default=False)] = None,
-    state: Annotated[Optional[StateChoice], typer.Option(help="State to read \\[default: the unit's, or c for LSTM-like cells].", show_default=False)] = None,
+    state: Annotated[Optional[StateKind], typer.Option(help="State to read \\[default: the unit's, or c for LSTM-like cells].", show_default=False)] = None,
     html: Annotated[Optional[Path], typer.Option(help="Also write the coloured text as a standalone HTML page.")] = None,
 ):
     """The text coloured by a unit's value after each character, red (negative) to green (positive)."""
     from charrnn import checkpoint as ckm
-    from charrnn import sentiment as sm
-    from charrnn import ui
+    from charrnn import render, ui
     from charrnn.errors import DataError, UsageError
+    from charrnn.neuron import check_unit, default_state, get_record, unit_trace
     from charrnn.sample import clean_prime
 
     if (text is None) == (file is None):
@@ -133,26 +99,25 @@ def show(
     model, vocab, ck = ckm.load_model(checkpoint)
     rec = None
     if neuron is None:
-        rec = sm.get_record(ck)
+        rec = get_record(ck)
         shown = rec["state"].split("+")[0]  # a bound unit's 'c+h' record holds c's values
         unit, layer, which = rec["unit"], rec["layer"], state.value if state else shown
         if which != shown:
-            rec = None  # its clamp values are for the other state
+            rec = None  # its fix values are for the other state
     else:
-        unit, layer, which = neuron, model.config.layers - 1, state.value if state else sm.default_state(model)
-        if not 0 <= unit < model.config.hidden:
-            raise UsageError(f"--neuron {unit} is out of range; this model has {model.config.hidden} units per layer")
+        unit, layer, which = neuron, model.config.layers - 1, state.value if state else default_state(model)
+    check_unit(model, unit, which, layer)
     kept, unknown = clean_prime(text, vocab)
     if unknown:
         ui.warn(f"characters this model never saw were skipped: {unknown[:20]!r}")
     if not kept:
         raise DataError("no text left to show once the characters this model never saw were skipped")
-    values = sm.unit_trace(model, vocab, kept, unit, layer, which)
-    lo, hi = sm.color_range(values, rec)
-    colors = sm.unit_colors(values, lo, hi)
+    values = unit_trace(model, vocab, kept, unit, layer, which)
+    lo, hi = render.color_range(values, rec)
+    colors = render.unit_colors(values, lo, hi)
     title = f"unit {unit} (layer {layer}, {which}) of {ck['path']}"
     ui.unit_text(kept, colors, f"{title}: red {lo:.2f} .. green {hi:.2f}; "
                  f"range over this text {min(values):.2f} .. {max(values):.2f}, last {values[-1]:.2f}")
     if html is not None:
-        ckm.atomic_write_text(html, sm.render_html(kept, values, colors, title))
+        ckm.atomic_write_text(html, render.render_html(kept, values, colors, title))
         ui.info(f"wrote {html}")

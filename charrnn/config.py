@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from charrnn.errors import UsageError
 
@@ -22,10 +22,35 @@ DEFAULT_MAX_EPOCHS = 50  # cap on a run given no length at all
 EVALS_PER_RUN = 10  # evaluations (and saves) in a run given no --eval-every
 
 
+# TrainConfig's flat fields before SentimentConfig held them (checkpoints of older runs): old name -> field
+OLD_SENTIMENT_FIELDS = {"sentiment_unit": "unit", "sentiment_contrast": "contrast", "sentiment_clamp_frac": "fixed",
+                        "sentiment_read_batch": "read", "sentiment_read_chars": "read_chars",
+                        "sentiment_weight": "weight", "sentiment_clamp": "value"}
+
+
+@dataclass(frozen=True)
+class SentimentConfig:
+    """Binding a unit to labels while the language model trains (charrnn/neuron/bind.py). The fields
+    are the flags' names: --sentiment-unit, --sentiment-contrast, --sentiment-fixed, --sentiment-read."""
+
+    unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
+    contrast: float = 5.0  # weight of the generative-classifier loss on fixed reviews; 0: off
+    fixed: float = 0.75  # share of reviews whose unit is fixed to the label at every character
+    read: int = 0  # 0: the reading loss is at every character of free reviews; N: a reading pass
+    # of N labeled texts per step, with the loss after each one's last character
+    read_chars: int = 128  # the reading pass runs the last this-many characters of each text
+    weight: float = 1.0  # weight of the unit's reading loss (logistic) beside the language-model loss
+    value: float = 2.0  # the cell-state value a unit is fixed at (+ positive, - negative; h gets tanh of it)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SentimentConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What the user asked for, with the auto fields filled once by `resolve`; never changed after it."""
-
 
     # model (None: chosen by `resolve`)
     cell: str = "lstm"  # recurrent cell
@@ -57,23 +82,18 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None  # CPU threads; None: PyTorch's default
     encoding_errors: str = "strict"  # 'strict' or 'replace' for invalid UTF-8 in the corpus
-    # sentiment binding (train --sentiment-unit; see charrnn/sentiment.py Binding)
-    sentiment_unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
-    sentiment_weight: float = 1.0  # weight of the unit's reading loss (logistic) beside the language-model loss
-    sentiment_read_batch: int = 0  # 0: the reading loss is at every character of free reviews; N: a reading pass
-    # of N labeled texts per step, with the loss after each one's last character (see sentiment.Binding)
-    sentiment_read_chars: int = 128  # the reading pass runs the last this-many characters of each text
-    sentiment_clamp_frac: float = 0.75  # share of reviews whose unit is fixed to the label at every character
-    sentiment_contrast: float = 5.0  # weight of the generative-classifier loss on forced reviews; 0: off
-    sentiment_clamp: float = 2.0  # the cell-state value fixed there (+ positive, - negative; h gets tanh of it)
+    sentiment: SentimentConfig = field(default_factory=SentimentConfig)  # train --sentiment-unit
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """The config of `to_dict`, or of a checkpoint written when the sentiment options were flat fields."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        flat = {new: d[old] for old, new in OLD_SENTIMENT_FIELDS.items() if old in d}
+        sentiment = SentimentConfig.from_dict({**flat, **(d.get("sentiment") or {})})
+        return cls(**{k: v for k, v in d.items() if k in names and k != "sentiment"}, sentiment=sentiment)
 
 
 def parse_duration(text: str) -> float:
@@ -118,10 +138,11 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--patience must be 0 (never stop early) or more (got {cfg.patience})")
     if cfg.keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
-    if cfg.sentiment_read_batch < 0 or cfg.sentiment_read_chars < 1:
+    sc = cfg.sentiment
+    if sc.read < 0 or sc.read_chars < 1:
         raise UsageError("sentiment reading needs a batch >= 0 and at least 1 character per text")
-    if cfg.sentiment_weight < 0 or cfg.sentiment_contrast < 0 or not 0.0 <= cfg.sentiment_clamp_frac <= 1.0 or cfg.sentiment_clamp <= 0:
-        raise UsageError("sentiment binding needs weight >= 0, clamp fraction in [0, 1] and clamp value > 0")
+    if sc.weight < 0 or sc.contrast < 0 or not 0.0 <= sc.fixed <= 1.0 or sc.value <= 0:
+        raise UsageError("sentiment binding needs weight >= 0, fixed fraction in [0, 1] and fixed value > 0")
     if cfg.encoding_errors not in ("strict", "replace"):
         raise UsageError("--encoding-errors must be 'strict' or 'replace'")
 

@@ -1,4 +1,4 @@
-"""Known public corpora: the catalogue in corpora/catalog.json, checked downloads, and corpus arguments.
+"""Known public corpora: the catalogue (charrnn/catalog.json, package data), checked downloads, and corpus arguments.
 
 A download streams into a temporary file beside its destination, hashing as it goes; only a file of
 the catalogued size and SHA-256 is renamed into place, so a failed or interrupted download leaves
@@ -13,6 +13,7 @@ import difflib
 import glob
 import hashlib
 import http.client
+import importlib.resources
 import json
 import os
 import re
@@ -27,7 +28,8 @@ from typing import Callable, Optional
 from charrnn import __version__
 from charrnn.errors import DataError, DownloadError, UsageError
 
-CATALOG_PATH = Path(__file__).resolve().parent.parent / "corpora" / "catalog.json"
+# Shipped inside the package (package data), so an installed wheel finds it; ./corpora/ is only where files land.
+CATALOG_RESOURCE = "catalog.json"
 DEFAULT_DIR = Path("corpora")
 MIRROR_ENV = "CHARRNN_MIRROR"
 TIMEOUT_S = 30.0
@@ -36,7 +38,7 @@ CHUNK = 1 << 16
 Callback = Callable[[str, dict], None]
 
 MIRROR_HINT = (f"use --mirror DIR_OR_URL (or set {MIRROR_ENV}) to fetch from a folder or an http:// URL "
-               "holding the same file names, e.g. --mirror ../shared/corpora")
+               "holding the same file names")
 
 
 @dataclass(frozen=True)
@@ -82,19 +84,22 @@ class Fetched:
 
 
 def load_catalog(path: Path | None = None) -> Catalog:
-    path = Path(path or CATALOG_PATH)
+    """The catalogue at path, or by default the one shipped in the package."""
+    resource = importlib.resources.files("charrnn") / CATALOG_RESOURCE
+    where = Path(path) if path else resource
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(where.read_text(encoding="utf-8"))
         entries = {e["name"]: Entry(**e) for e in raw["corpora"]}
         groups = {k: Group(k, g["description"], tuple(g["members"])) for k, g in raw.get("groups", {}).items()}
     except FileNotFoundError:
-        raise DataError(f"no corpus catalogue at {path}; reinstall charrnn from its repository") from None
+        raise DataError(f"no corpus catalogue at {where}; reinstall charrnn (the catalogue ships inside the package)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"corpus catalogue {path} is unreadable ({e}); restore it with 'git checkout {path}'") from None
+        raise DataError(f"corpus catalogue {where} is unreadable ({e}); reinstall charrnn, or restore it with "
+                        f"'git checkout charrnn/{CATALOG_RESOURCE}' in a clone") from None
     for g in groups.values():
         missing = [m for m in g.members if m not in entries]
         if missing:
-            raise DataError(f"corpus catalogue {path}: group {g.name} names unknown corpora {missing}")
+            raise DataError(f"corpus catalogue {where}: group {g.name} names unknown corpora {missing}")
     return Catalog(entries, groups)
 
 

@@ -289,7 +289,6 @@ class StreamBatcher:
         self.batch_size, self.seq_len = batch_size, seq_len
         self.stream_len = len(data) // batch_size
         if self.stream_len < seq_len + 1:
-            need = batch_size * (seq_len + 1)
             raise DataError(
                 f"the training text has {len(data)} characters, fewer than one batch needs "
                 f"({batch_size} streams x {seq_len + 1}); use a longer corpus or smaller --batch-size/--seq-len"

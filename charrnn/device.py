@@ -38,7 +38,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     dist = Dist.from_env()
     if dist.enabled:
         dist.check_batch(cfg.batch_size)
-        if cfg.sentiment_unit:
+        if cfg.sentiment.unit:
             raise UsageError("--sentiment-unit runs in one process; start it without torchrun")
         dist.setup(device.type)
         device = dist.device(device)

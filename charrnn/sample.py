@@ -153,7 +153,7 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
 
     With `cfg.guidance` g > 0 the batch has 2 * num rows: row i and row num + i read the same text,
     and `hook` must fix the unit one way on the first num rows and the opposite way on the others
-    (sentiment.steering_hook(..., guided_rows=num) builds it). The next character is drawn from
+    (neuron.steering_hook(..., guided_rows=num) builds it). The next character is drawn from
     logits_i + g * (logits_i - logits_{num+i}): what the fixed value changes, amplified.
     Returns the full texts, prime included.
     """

@@ -64,7 +64,7 @@ class Trainer:
         self.cfg, self.corpus, self.vocab, self.state = p.cfg, p.corpus, p.vocab, p.state
         self.train_data, self.val_data, self.folder, self.run_dir = p.train_data, p.val_data, p.folder, p.folder.path
         self.device, self.dist, self.model, self.optimizer = p.device, p.dist, p.model, p.optimizer
-        self.rows, self.carry, self.extra = p.rows, p.carry, p.extra
+        self.rows, self.carry, self.objective = p.rows, p.carry, p.objective  # objective: see charrnn/objective.py
         self.events = (callback or TrainEvents()) if self.dist.main else TrainEvents()
         self.batcher = StreamBatcher(self.train_data, self.cfg.batch_size, self.cfg.seq_len)
         self.local_batch = self.rows.stop - self.rows.start
@@ -76,14 +76,6 @@ class Trainer:
             self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.precision = Precision(self.device)
         self.recovery = Recovery(self.cfg, self.model, self.optimizer, self.state)
-        # Extension point: an object with before_step(step, carry) -> carry (called right before the
-        # forward pass) and extra_loss(carry, x, y, carry_in, logits) -> tensor (added to the objective, not to the reported loss).
-        # Used by `train --sentiment-unit` (charrnn.sentiment.Binding); None in plain runs.
-        self.binding = None
-        if self.cfg.sentiment_unit:
-            from charrnn.sentiment import Binding
-
-            self.binding = Binding.for_trainer(self)
         self._stop_signal: int | None = None
         self._last_saved_step = self.state.step if p.evaluated else None  # evaluated and saved: the end need not redo it
         self._last_val: float | None = None
@@ -188,11 +180,8 @@ class Trainer:
             g["lr"] = lr_at(st.step, st.total_steps, cfg, st.lr_scale)
         self.recovery.poison(self.model, st.step)
         with self.precision.autocast():
-            if self.binding is not None:
-                self.carry = self.binding.before_step(st.step, self.carry)
-            hook = None if self.binding is None else self.binding.hook
-            logits, loss, carry = self.net(x, y, self.carry, hook=hook)
-            objective = loss if self.binding is None else loss + self.binding.extra_loss(carry, x, y, self.carry, logits)
+            self.carry = self.objective.before_step(st.step, self.carry)
+            loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
         self.precision.backward(objective, self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]

@@ -309,7 +309,7 @@ def neuron_find_table(res, checkpoint: str, fitted_on: str, tested_on: str, n_fi
                                       f"(validation {res.val_single_unit_accuracy:.1%})")
     t.add_row("all-units accuracy", f"{res.all_units_accuracy:.1%} (validation {res.val_all_units_accuracy:.1%}; "
                                     f"L1 strength {res.lam:.2e}, {res.nonzero} non-zero weights)")
-    t.add_row("clamp values", f"positive {res.clamp['positive']:+.3f}, negative {res.clamp['negative']:+.3f}")
+    t.add_row("fix values", f"positive {res.fix_values['positive']:+.3f}, negative {res.fix_values['negative']:+.3f}")
     t.add_row("top units", ", ".join(f"{u}" + (f"@{l}" if l != res.layer else "") + f" ({w:+.2f})"
                                      for l, u, w in res.top_units))
     t.add_row("data", f"fitted on {n_fit} examples of {fitted_on}; tested on {tested_on}; {fmt_duration(seconds)}")

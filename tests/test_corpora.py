@@ -1,4 +1,4 @@
-"""Corpus catalogue and downloads: served over HTTP on 127.0.0.1 from ../shared/corpora, from folders, and broken."""
+"""Corpus catalogue and downloads: served over HTTP on 127.0.0.1 from the shared corpora, from folders, and broken; an installed copy."""
 
 from __future__ import annotations
 
@@ -109,9 +109,15 @@ def test_catalog_matches_the_shared_files(catalog):
     assert len(catalog.groups["imdb_train"].members) == 10
 
 
-def test_catalog_is_tracked_by_git_and_not_ignored():
-    out = subprocess.run(["git", "check-ignore", "-q", "corpora/catalog.json"], cwd=REPO)
+def test_catalog_ships_in_the_package_and_downloads_stay_out_of_git():
+    assert Path(corpora.__file__).with_name("catalog.json").is_file()
+    assert "catalog.json" in (REPO / "pyproject.toml").read_text()  # declared as package data
+    out = subprocess.run(["git", "check-ignore", "-q", "charrnn/catalog.json"], cwd=REPO)
     assert out.returncode == 1  # 1 = not ignored
+    out = subprocess.run(["git", "check-ignore", "-q", "corpora/tinyshakespeare.txt"], cwd=REPO)
+    assert out.returncode == 0  # downloads are ignored
+    assert subprocess.run(["git", "ls-files", "--error-unmatch", "corpora/.gitkeep"], cwd=REPO,
+                          capture_output=True).returncode == 0  # the download folder exists in a clone
 
 
 def test_corpus_list_table_and_json(tmp_path):
@@ -240,6 +246,47 @@ def test_train_expands_a_quoted_glob_and_refuses_an_empty_one(tmp_path):
     assert "no file matches" in the_error(r)
 
 
+# ---------------------------------------------------------------- an installed (non-editable) charrnn
+
+
+def test_a_non_editable_install_lists_and_gets_corpora_from_another_folder(tmp_path):
+    """`pip install .` as a user does it: the catalogue must travel inside the package.
+
+    The source is copied (so uncommitted changes count), built and installed into a --target folder
+    without network (torch and typer come from the test environment); then, from a folder with no
+    charrnn source in it, `corpus list` and `corpus get` must work from the installed copy alone.
+    """
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "checkpoints", "corpora", ".pytest_cache"))
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(target), str(src)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    assert (target / "charrnn" / "catalog.json").is_file()
+    shutil.rmtree(src)  # nothing but the installed copy is left to find the catalogue in
+    user = tmp_path / "elsewhere"
+    user.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "CHARRNN_CACHE": str(tmp_path / "cache")}
+    env.pop("CHARRNN_MIRROR", None)
+
+    def charrnn(*args):
+        return subprocess.run([sys.executable, "-m", "charrnn", *args], cwd=user, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    where = subprocess.run([sys.executable, "-c", "import charrnn; print(charrnn.__file__)"], cwd=user, env=env,
+                           capture_output=True, text=True)
+    assert where.stdout.strip() == str(target / "charrnn" / "__init__.py")  # the installed copy ran, not the tree
+    r = charrnn("corpus", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    names = {json.loads(line)["name"] for line in r.stdout.splitlines()}
+    assert {"tinyshakespeare", "imdb_train", "sst2_dev"} <= names
+    r = charrnn("corpus", "get", "tinyshakespeare", "--mirror", str(SHARED), "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "corpora/tinyshakespeare.txt"
+    assert sha256(user / "corpora" / "tinyshakespeare.txt") == sha256(SHARED / "tinyshakespeare.txt")
+
+
 # ---------------------------------------------------------------- the README demo, offline, from a fresh clone
 
 
@@ -261,7 +308,8 @@ set -euo pipefail
 charrnn() {{ {sys.executable} -m charrnn "$@"; }}
 {sys.executable} -c 'import charrnn; print(charrnn.__file__)' >&2
 charrnn corpus get tinyshakespeare
-charrnn train "$(charrnn corpus get tinyshakespeare)" --steps 5 --hidden 32 --threads 1 -q
+charrnn corpus get tinyshakespeare >&2
+charrnn train corpora/tinyshakespeare.txt --steps 5 --hidden 32 --threads 1 -q
 charrnn sample --temp 0.8 --length 80 --seed 1
 """
     r = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=120)
@@ -270,7 +318,7 @@ charrnn sample --temp 0.8 --length 80 --seed 1
     out = r.stdout.splitlines()
     assert out[0] == "corpora/tinyshakespeare.txt"
     assert sha256(work / out[0]) == sha256(SHARED / "tinyshakespeare.txt")
-    assert "already here" in r.stderr  # the second get inside $(...) did not download again
+    assert "already here" in r.stderr  # the second get did not download again
     assert len("\n".join(out[1:])) >= 80  # the sample
     assert list((work / "checkpoints").iterdir())
     shutil.rmtree(clone)

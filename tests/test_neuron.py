@@ -1,4 +1,4 @@
-"""The sentiment unit: find (a planted unit, a bound unit), the clamp hook, sample --sentiment, neuron show, bad input."""
+"""The sentiment unit (charrnn/neuron): find (a planted unit, a bound unit), the fixing hook, sample --sentiment, neuron show, bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from charrnn import checkpoint as ckm
-from charrnn import sentiment as sm
+from charrnn import neuron as sm
+from charrnn.config import SentimentConfig, TrainConfig
+from charrnn.neuron import find as fd
+from charrnn.neuron.find import take
 from charrnn.data import Vocab
 from charrnn.errors import UsageError
 from charrnn.model import CharRNN, ModelConfig
@@ -101,28 +104,28 @@ def test_find_recovers_planted_unit():
     assert abs(float(feats["c"][5, 0, 3]) - one) < 1e-4
     y = torch.tensor(labels, dtype=torch.float32)
     fit, val, test = torch.arange(0, 240), torch.arange(240, 320), torch.arange(320, 400)
-    res = sm.find_unit(sm.take(feats, fit), y[fit], sm.take(feats, val), y[val], sm.take(feats, test), y[test],
+    res = sm.find_unit(take(feats, fit), y[fit], take(feats, val), y[val], take(feats, test), y[test],
                        "c", [0])
     assert (res.unit, res.polarity, res.layer) == (3, 1, 0)
     assert res.single_unit_accuracy >= 0.75 and res.test_examples == 80
-    assert res.clamp["positive"] > 0 > res.clamp["negative"]
+    assert res.fix_values["positive"] > 0 > res.fix_values["negative"]
 
 
 def test_l1_sparsity_grows_with_strength():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(300, 20, generator=g, dtype=torch.float64)
     y = (X[:, 4] - 0.5 * X[:, 7] > 0).double()
-    nz = [int((sm.fit_l1(X, y, lam)[0] != 0).sum()) for lam in (0.2, 0.05, 0.001)]
+    nz = [int((fd.fit_l1(X, y, lam)[0] != 0).sum()) for lam in (0.2, 0.05, 0.001)]
     assert nz[0] <= nz[1] <= nz[2] and nz[0] >= 1
-    w, b = sm.fit_l1(X, y, 0.05)
-    assert int(torch.argmax(w.abs())) == 4 and sm.accuracy(X, y, w, b) > 0.9
+    w, b = fd.fit_l1(X, y, 0.05)
+    assert int(torch.argmax(w.abs())) == 4 and fd.accuracy(X, y, w, b) > 0.9
 
 
 def test_bound_unit_reads_sentiment_and_find_stores_it(bound, tmp_path):
     ck = ckm.load(ckm.resolve(bound["run"]))
     rec = ck["sentiment"]
     assert rec["source"] == "bind" and rec["unit"] == sm.BOUND_UNIT and rec["state"] == "c+h"
-    assert rec["clamp"]["positive"] > rec["clamp"]["negative"]
+    assert rec["fix_values"]["positive"] > rec["fix_values"]["negative"]
     out = tmp_path / "found.pt"
     r = run_cli("neuron", "find", bound["run"], bound["train"], "--test", bound["test"], "--neuron", "0",
                 "--json", "--out", out)
@@ -149,7 +152,7 @@ def test_bound_unit_changes_what_the_model_expects(bound):
     losses = {}
     for mode in ("matched", "opposite"):
         pos = torch.tensor(labels) == (1 if mode == "matched" else 0)
-        values = torch.where(pos, torch.tensor(rec["clamp"]["positive"]), torch.tensor(rec["clamp"]["negative"]))
+        values = torch.where(pos, torch.tensor(rec["fix_values"]["positive"]), torch.tensor(rec["fix_values"]["negative"]))
         hook = sm.hook_for(model, rec["unit"], values, rec["state"], rec["layer"])
         with torch.no_grad():
             _, loss, _ = model(ids[:, :-1], ids[:, 1:], hook=hook)
@@ -160,10 +163,8 @@ def test_bound_unit_changes_what_the_model_expects(bound):
 @pytest.mark.parametrize("read", [0, 8])
 def test_binding_resume_is_exact(tmp_path, read):
     tsv = write_tsv(tmp_path / "r.tsv", 300)
-    from charrnn.config import TrainConfig
-
     cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=8, steps=30, eval_every=10, keep=10,
-                      sentiment_unit=True, threads=1, sentiment_read_batch=read)
+                      sentiment=SentimentConfig(unit=True, read=read), threads=1)
     Trainer.new([tsv], cfg, run_dir=tmp_path / "full").run()
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
@@ -178,24 +179,23 @@ def test_binding_resume_is_exact(tmp_path, read):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-def test_binding_fixes_the_unit_at_every_character_of_a_forced_review(tmp_path):
-    from charrnn.config import TrainConfig
-
+def test_binding_fixes_the_unit_at_every_character_of_a_fixed_review(tmp_path):
     tsv = write_tsv(tmp_path / "r.tsv", 300)
-    cfg = TrainConfig(hidden=16, layers=2, seq_len=24, batch_size=8, steps=1, sentiment_unit=True, threads=1)
+    cfg = TrainConfig(hidden=16, layers=2, seq_len=24, batch_size=8, steps=1, sentiment=SentimentConfig(unit=True),
+                      threads=1)
     tr = Trainer.new([tsv], cfg, run_dir=tmp_path / "run")
-    b = tr.binding
+    b = tr.objective
     x, y, _ = tr.batcher.get(0)
     carry = b.before_step(0, tr.model.init_state(8))
     seen = {}
     tr.model.head.register_forward_pre_hook(lambda module, args: seen.update(h=args[0]))  # the top layer's output
     tr.model(x, y, carry, hook=b.hook)
     lab, h = b._labels, seen["h"][..., sm.BOUND_UNIT].detach()
-    forced = lab >= 2
-    assert forced.any() and ((lab == 0) | (lab == 1)).any()
-    want = torch.tanh(((lab % 2) * 2 - 1).float() * cfg.sentiment_clamp)
-    assert torch.allclose(h[forced], want[forced])  # fixed at every character, not only at chunk starts
-    assert not torch.allclose(h[~forced].abs(), torch.full_like(h[~forced], math.tanh(cfg.sentiment_clamp)))
+    fixed = lab >= 2
+    assert fixed.any() and ((lab == 0) | (lab == 1)).any()
+    want = torch.tanh(((lab % 2) * 2 - 1).float() * cfg.sentiment.value)
+    assert torch.allclose(h[fixed], want[fixed])  # fixed at every character, not only at chunk starts
+    assert not torch.allclose(h[~fixed].abs(), torch.full_like(h[~fixed], math.tanh(cfg.sentiment.value)))
 
 
 def test_sentiment_unit_needs_labels(tmp_path, corpus):
@@ -209,12 +209,16 @@ def test_sentiment_unit_needs_labels(tmp_path, corpus):
     assert r.exit_code == 2 and "add --sentiment-unit" in r.stderr
     r = run_cli("train", corpus, "--sentiment-unit", "--sentiment-forced", "1.5", "--steps", "5", *TINY)
     assert r.exit_code == 2 and "--sentiment-forced" in r.stderr
+    r = run_cli("train", corpus, "--sentiment-unit", "--sentiment-fixed", "1.5", "--steps", "5", *TINY)
+    assert r.exit_code == 2 and "--sentiment-fixed" in r.stderr
+    r = run_cli("train", corpus, "--sentiment-fixed", "0.5", "--steps", "5", *TINY)
+    assert r.exit_code == 2 and "add --sentiment-unit" in r.stderr
 
 
 # ---------------------------------------------------------------- fixing a unit
 
 
-def test_clamp_hook_holds_the_unit_every_step():
+def test_fix_hook_holds_the_unit_every_step():
     torch.manual_seed(0)
     vocab = Vocab.from_text_chars("abc \n")
     model = CharRNN(ModelConfig(len(vocab), "lstm", 2, 16, 0, 0.0)).eval()
@@ -267,7 +271,7 @@ def test_guidance_draws_from_the_amplified_contrast():
     vocab = Vocab.from_text_chars("abc \n")
     model = CharRNN(ModelConfig(len(vocab), "lstm", 1, 8, 0, 0.0)).eval()
     ck = {"sentiment": {"unit": 3, "layer": 0, "state": "c", "polarity": 1,
-                        "clamp": {"positive": 1.0, "negative": -1.0}}}
+                        "fix_values": {"positive": 1.0, "negative": -1.0}}}
     hook, said = sm.steering_hook(model, ck, "positive", guided_rows=2)
     assert "contrasted with -1.000" in said
     seen = []
@@ -400,17 +404,15 @@ def test_find_skips_unknown_characters_with_a_warning(bound, tmp_path):
 
 def test_reading_pass_runs_the_labeled_texts_of_the_training_split(tmp_path):
     """The binding's reading texts are exactly the labeled texts (cut to their last characters), with their labels."""
-    from charrnn.config import TrainConfig
-
     tsv = write_tsv(tmp_path / "r.tsv", 120, seed=4)
     lines = tsv.read_text().splitlines()[1:]
     truth = {t: int(y) for y, t in (ln.split("\t", 1) for ln in lines)}
     plain = tmp_path / "plain.txt"
     plain.write_text("some unlabeled text first\nwith two lines\n")
-    cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=4, steps=1, sentiment_unit=True, threads=1,
-                      sentiment_read_batch=50, sentiment_read_chars=30)
+    cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=4, steps=1, threads=1,
+                      sentiment=SentimentConfig(unit=True, read=50, read_chars=30))
     tr = Trainer.new([plain, tsv], cfg, run_dir=tmp_path / "run")
-    b = tr.binding
+    b = tr.objective
     starts, ends, labels = b.spans
     texts = [tr.vocab.decode(tr.train_data[a:e].tolist()) for a, e in zip(starts.tolist(), ends.tolist())]
     assert len(texts) >= 90 and all(truth[t] == y for t, y in zip(texts, labels.tolist()))
@@ -433,7 +435,7 @@ def test_reading_pass_runs_the_labeled_texts_of_the_training_split(tmp_path):
     x, y, _ = tr.batcher.get(0)
     carry = b.before_step(0, tr.model.init_state(4))
     logits, _, out = tr.model(x, y, carry, hook=b.hook)
-    b.cfg = dataclasses.replace(b.cfg, sentiment_contrast=0.0)  # the reading term alone (the config is frozen)
+    b.sc = dataclasses.replace(b.sc, contrast=0.0)  # the reading term alone (the config is frozen)
     b.extra_loss(out, x, y, carry, logits).backward()
     assert tr.model.rnn.weight_hh_l0.grad[sm.BOUND_UNIT].abs().sum() > 0
 
@@ -493,3 +495,144 @@ def test_reading_probe_stops_after_steps_with_dropout(bound):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1].endswith("after 7 steps")
+
+
+# ---------------------------------------------------------------- the objective interface, old checkpoints, one check
+
+
+def old_record(rec: dict) -> dict:
+    """A unit record in the shape checkpoints had before "fix" was the one word (clamp, observed_clamp, train_clamp)."""
+    names = {"fix_values": "clamp", "observed_fix_values": "observed_clamp", "train_value": "train_clamp"}
+    return {names.get(k, k): v for k, v in rec.items()}
+
+
+def old_config(cfg: dict) -> dict:
+    """A TrainConfig dict in the shape checkpoints had before SentimentConfig: flat sentiment_* fields."""
+    from charrnn.config import OLD_SENTIMENT_FIELDS
+
+    out = {k: v for k, v in cfg.items() if k != "sentiment"}
+    out.update({old: cfg["sentiment"][new] for old, new in OLD_SENTIMENT_FIELDS.items()})
+    return out
+
+
+def test_a_checkpoint_with_an_old_unit_record_still_steers_shows_and_carries(bound, tmp_path):
+    """A record with the old key names (clamp, train_clamp) steers, shows and is carried on exactly like today's."""
+    ck = ckm.load(ckm.resolve(bound["run"]))
+    assert "fix_values" in ck["sentiment"] and "clamp" not in ck["sentiment"]
+    old = dict(ck, sentiment=old_record(ck["sentiment"]))
+    assert "clamp" in old["sentiment"] and "train_clamp" in old["sentiment"]
+    ckm.save(tmp_path / "old.pt", old)
+    assert sm.get_record(ckm.load(tmp_path / "old.pt")) == ck["sentiment"]
+    args = ("--length", "40", "--seed", "3", "--num", "2", "--jsonl")
+    for s in ("positive", "negative"):
+        new_out = run_cli("sample", bound["run"], "--sentiment", s, *args)
+        old_out = run_cli("sample", tmp_path / "old.pt", "--sentiment", s, *args)
+        assert old_out.exit_code == 0, old_out.stderr
+        assert old_out.stdout == new_out.stdout
+    r = run_cli("neuron", "show", tmp_path / "old.pt", "the film was great.")
+    assert r.exit_code == 0, r.stderr
+    fixed = ck["sentiment"]["fix_values"]
+    assert f"red {fixed['negative']:.2f} .. green {fixed['positive']:.2f}" in r.stderr  # its fix values, read
+    # a plain run started from it carries the record on, in today's shape
+    r = run_cli("train", bound["train"], "--init-from", tmp_path / "old.pt", "--steps", "2", "--run", tmp_path / "ft",
+                "--seq-len", "16", "--batch-size", "4", "--threads", "1", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert ckm.load(ckm.resolve(tmp_path / "ft"))["sentiment"] == ck["sentiment"]
+
+
+def test_old_flat_sentiment_config_is_read():
+    cfg = TrainConfig(hidden=16, sentiment=SentimentConfig(unit=True, contrast=3.0, fixed=0.5, read=4,
+                                                            read_chars=20, weight=2.0, value=1.5))
+    flat = old_config(cfg.to_dict())
+    assert "sentiment" not in flat and flat["sentiment_clamp_frac"] == 0.5 and flat["sentiment_read_batch"] == 4
+    assert TrainConfig.from_dict(flat) == cfg
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert TrainConfig.from_dict({"hidden": 16}).sentiment == SentimentConfig()
+
+
+def test_resume_of_a_bound_run_saved_before_the_change_is_exact(tmp_path):
+    """A checkpoint whose config has the flat sentiment_* fields and whose record has the old key names
+    resumes to the same weights as today's, with its non-default sentiment options."""
+    tsv = write_tsv(tmp_path / "r.tsv", 300)
+    cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=8, steps=20, eval_every=10, keep=10, threads=1,
+                      sentiment=SentimentConfig(unit=True, fixed=0.4, contrast=2.0))
+    Trainer.new([tsv], cfg, run_dir=tmp_path / "full").run()
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    for i in ckm.list_checkpoints(cut):
+        if i.step > 10:
+            i.path.unlink()
+            ckm.sidecar(i.path).unlink()
+    path = cut / ckm.ckpt_name(10)
+    ck = ckm.load(path)
+    ck["train"]["config"] = old_config(ck["train"]["config"])
+    ck["sentiment"] = old_record(ck["sentiment"])
+    assert ck["sentiment"]["observed"]["positive"]  # the binding's observed values ride along
+    ckm.save(path, ck)
+    tr = Trainer.resume(cut)
+    assert tr.cfg.sentiment == SentimentConfig(unit=True, fixed=0.4, contrast=2.0)
+    assert tr.objective.observed == ckm.load(tmp_path / "full" / ckm.ckpt_name(10))["sentiment"]["observed"]
+    tr.run()
+    a = ckm.load(tmp_path / "full" / ckm.ckpt_name(20))
+    b = ckm.load(cut / ckm.ckpt_name(20))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert b["train"]["config"] == a["train"]["config"] and b["sentiment"] == a["sentiment"]
+
+
+class Recording:
+    """Wraps a Trainer objective and records how the loop drives it (the calls pass through unchanged)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def before_step(self, step, carry):
+        self.calls.append(("before_step", step))
+        return self.inner.before_step(step, carry)
+
+    def forward(self, net, x, y, carry):
+        loss, objective, out = self.inner.forward(net, x, y, carry)
+        self.calls.append(("forward", bool(objective.requires_grad), float((objective - loss).detach()) != 0.0))
+        return loss, objective, out
+
+    def record(self):
+        self.calls.append(("record",))
+        return self.inner.record()
+
+
+@pytest.mark.parametrize("bound_run", [False, True])
+def test_plain_and_bound_objectives_are_driven_by_the_same_loop(tmp_path, bound_run):
+    from charrnn.neuron.bind import BoundObjective
+    from charrnn.objective import LanguageModelObjective
+
+    tsv = write_tsv(tmp_path / "r.tsv", 200)
+    cfg = TrainConfig(hidden=16, layers=1, seq_len=16, batch_size=8, steps=3, eval_every=3, threads=1,
+                      sentiment=SentimentConfig(unit=bound_run))
+    tr = Trainer.new([tsv], cfg, run_dir=tmp_path / "run")
+    assert type(tr.objective) is (BoundObjective if bound_run else LanguageModelObjective)
+    tr.objective = spy = Recording(tr.objective)
+    tr.run()
+    steps = [c for c in spy.calls if c[0] != "record"]
+    assert steps == [c for s in range(3) for c in (("before_step", s), ("forward", True, bound_run))]
+    assert spy.calls[-1] == ("record",)  # asked for its record when the checkpoint was built
+    rec = ckm.load(ckm.resolve(tmp_path / "run")).get("sentiment")
+    assert (rec is not None and rec["source"] == "bind") == bound_run
+
+
+def test_one_unit_check_for_sample_show_and_find(tmp_path):
+    """sample, neuron show and neuron find reject a state or unit the model lacks with the same line."""
+    from conftest import TINY
+
+    tsv = write_tsv(tmp_path / "r.tsv", 60)
+    assert run_cli("train", tsv, "--cell", "gru", "--steps", "2", "--run", tmp_path / "gru", *TINY).exit_code == 0
+    ck = tmp_path / "gru"
+    for bad, want in ((("--neuron", "1", "--state", "c"), "this gru model has no 'c' state; use --state h"),
+                      (("--neuron", "99"), "--neuron 99 is out of range; this model has 32 units per layer")):
+        got = [run_cli("sample", ck, "--value", "1", "--length", "5", *bad),
+               run_cli("neuron", "show", ck, "the film", *bad),
+               run_cli("neuron", "find", ck, tsv, "--no-save", *bad)]
+        assert [r.exit_code for r in got] == [2, 2, 2], [r.stderr for r in got]
+        assert len({r.stderr for r in got}) == 1 and want in got[0].stderr
+        assert len(got[0].stderr.strip().splitlines()) == 1
+    with pytest.raises(UsageError, match="no 'c' state"):
+        sm.check_unit(CharRNN(ModelConfig(5, "rnn", 1, 4, 0, 0.0)), 0, "c+h")

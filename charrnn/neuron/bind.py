@@ -1,0 +1,248 @@
+"""Binding (`train --sentiment-unit`): the training objective that ties unit BOUND_UNIT of the top layer to the labels.
+
+Reviews are split (seeded) into:
+- fixed reviews (`SentimentConfig.fixed` of them): at every character of one, the unit is fixed to the
+  label's value, c = +-value and h = +-tanh(value), by a model hook on the top layer: exactly what
+  `sample --sentiment` does, so the rest of the network learns to write what the fixed value says.
+  Fixing h too keeps the unit visible when its output gate would close. Fixed rows also run a
+  second time with the opposite value, and a generative-classifier loss (`contrast`) asks their
+  text to be likelier under its own label than under the other: without it the network learns to
+  ignore the unit (measured, README);
+- free reviews run with the unit left alone (never fixed, so the unit cannot pass a reading loss by
+  holding a fixed value), under one of two reading losses (logistic, logit = LOGIT_SCALE * value /
+  fixed value, on c; h for GRU/RNN):
+  * `read` = 0 (the default): at every character of the free reviews in the streamed batch. Cheap,
+    but it settles on the prior (0) wherever the label cannot be read yet (SST-2: 51%, measured);
+  * `read` = N > 0: a reading pass instead: each step also runs N labeled texts of the training
+    split (their last `read_chars` characters, each from the zero state, exactly as `neuron find`
+    runs them) through the fused kernel, with the loss on the unit after the last character, where
+    `neuron find` reads. It learns to read where the per-character loss does not (README), at about
+    20% more time per step.
+Only the top layer of the streamed batch runs step by step (the layers below stay on the fused
+kernel). The checkpoint's unit record (`record()`) holds the fixed values as fix values, and the
+unit's recent values where its reading loss looked (chunk ends of free reviews, or ends of reading
+texts), by label.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from charrnn.data import StreamBatcher, read_labeled, split
+from charrnn.errors import DataError, UsageError
+from charrnn.neuron.find import fix_values_of
+from charrnn.neuron.states import unit_at_ends
+from charrnn.neuron.steer import default_state, set_unit, state_names
+
+BOUND_UNIT = 0  # the top-layer unit that `train --sentiment-unit` binds
+LOGIT_SCALE = 4.0  # reading losses: logit = LOGIT_SCALE * value / fixed value, so the fixed value reads as about 98% sure
+OBSERVED_KEEP = 4096  # recent values per class that a binding keeps for its observed fix values
+
+
+def reading_scale(model, value: float) -> float:
+    """The reading losses' logit per unit of the bound unit's value: logit = scale * value, so the
+    fixed value (c = value, or h = tanh(value) without a cell state) reads as about 98% sure."""
+    return LOGIT_SCALE / (value if "c" in state_names(model) else math.tanh(value))
+
+
+def text_spans(data: torch.Tensor, codes: torch.Tensor, nl: int) -> torch.Tensor:
+    """(3, N): start, end (exclusive, the newline) and label of every labeled text in `data`, found
+    from the newlines that end them (a labeled text holds no newline) and the codes of char_labels."""
+    codes = codes[: len(data)]
+    ends = ((data[: len(codes)] == nl) & (codes >= 0)).nonzero().squeeze(1)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1] + 1])
+    keep = (ends > starts) & (codes[starts.clamp(max=max(len(codes) - 1, 0))] >= 0)
+    starts, ends = starts[keep], ends[keep]
+    return torch.stack([starts, ends, (codes[ends] % 2).long()])
+
+
+def char_labels(paths, total: int, fixed_frac: float = 0.0, seed: int = 0) -> torch.Tensor:
+    """One code per character of the training text, in load_corpus order: -1 outside labeled files,
+    the label (0/1) in a free review, label + 2 in a review chosen (seeded, `fixed_frac` of them)
+    to have its unit fixed."""
+    from charrnn.data import is_labeled, iter_text
+
+    parts = []
+    g = torch.Generator().manual_seed(seed)
+    for p in paths:
+        p = Path(p)
+        if is_labeled(p):
+            lab = read_labeled(p)
+            lens = torch.tensor([len(t) + 1 for t in lab.texts])  # each text and its newline
+            codes = torch.tensor(lab.labels, dtype=torch.int8)
+            codes += 2 * (torch.rand(len(codes), generator=g) < fixed_frac).to(torch.int8)
+            parts.append(torch.repeat_interleave(codes, lens))
+        else:
+            n = sum(len(piece) for piece in iter_text(p))
+            parts.append(torch.full((n,), -1, dtype=torch.int8))
+    labels = torch.cat(parts) if parts else torch.empty(0, dtype=torch.int8)
+    if len(labels) != total:
+        raise DataError(f"the labels cover {len(labels)} characters but the corpus has {total}; "
+                        "the corpus files changed while reading them")
+    if not (labels >= 0).any():
+        raise UsageError("--sentiment-unit needs a labeled corpus: a TSV whose first line is 'label<TAB>text'")
+    return labels
+
+
+class BoundObjective:
+    """The training objective of a bound run (see the module docstring), behind the Trainer's objective
+    interface: `before_step(step, carry) -> carry`, `forward(net, x, y, carry) -> (language-model loss,
+    objective, carry)` and `record() -> dict`, the checkpoint's unit record."""
+
+    def __init__(self, model, cfg, corpus: list[Path], train_data: torch.Tensor, total_chars: int,
+                 newline: int | None, previous: dict | None = None):
+        """`cfg` is the run's TrainConfig, `train_data` the training split of the corpus (`total_chars`
+        long with the validation split), `newline` its id, `previous` the unit record of the checkpoint
+        the run starts from (a bound one carries on with its observed values)."""
+        self.cfg, self.sc, self.model = cfg, cfg.sentiment, model
+        codes = char_labels(corpus, total_chars, self.sc.fixed, cfg.seed)
+        train_labels, _ = split(codes, cfg.val_frac)
+        self.batcher = StreamBatcher(train_labels, cfg.batch_size, cfg.seq_len)
+        self.names = state_names(model)
+        self.state = "c+h" if "c" in self.names else "h"
+        # reading losses: logit = scale * value (see reading_scale). The loss is on c, the state `neuron find`
+        # reads: on h, the unit's output gate closed to dodge the loss while the labels were still
+        # unreadable (measured: h of 0.001 at the end of every SST-2 sentence, 50% accuracy) and the
+        # gradient died with it.
+        self._scale = reading_scale(model, self.sc.value)
+        self.part = self.names.index(default_state(model))  # the state part the reading losses look at
+        self.top = model.config.layers - 1
+        self.data, self.nl = train_data, newline
+        self.spans = torch.empty(3, 0, dtype=torch.long)  # the reading pass's texts, found only when it runs
+        if self.sc.read > 0 and newline is not None:
+            self.spans = text_spans(train_data, train_labels, newline)
+        self._trace: list = []
+        self._labels = self._free = self._read = None  # the current step's codes, free rows, reading pass
+        self._fixed = self._values = None  # (T, B) of the current step: fixed characters, their values
+        self.hook = None  # the model hook for the current step, set by before_step
+        obs = (previous or {}).get("observed") if (previous or {}).get("source") == "bind" else None
+        self.observed = {k: list(obs.get(k, [])) if obs else [] for k in ("positive", "negative")}
+
+    # ------------------------------------------------------------ the objective interface
+
+    def before_step(self, step: int, carry):
+        lab, _, _ = self.batcher.get(step)  # (B, T) codes of the input characters
+        self._labels = lab
+        fixed = lab >= 2  # (B, T): characters of fixed reviews
+        self._free = ~fixed[:, -1]
+        device = carry[0].device
+        self._fixed = fixed.t().contiguous().to(device)  # (T, B)
+        self._values = (lab.t() % 2).to(device=device, dtype=carry[0].dtype).mul(2).sub(1) * self.sc.value
+        self._read = self._reading_batch(step)
+        self._trace = []
+        self.hook = self._make_hook(self._fixed, self._values, None if self._read is not None else self._trace)
+        return carry
+
+    def forward(self, net, x: torch.Tensor, y: torch.Tensor, carry):
+        logits, loss, out = net(x, y, carry, hook=self.hook)
+        return loss, loss + self.extra_loss(out, x, y, carry, logits), out
+
+    def record(self) -> dict:
+        """The checkpoint's unit record: the fix values of a bound unit are the values training fixed
+        (what the network learned to read); the observed 10th/90th percentiles of the free unit are
+        kept beside them."""
+        pos, neg = self.observed["positive"], self.observed["negative"]
+        v = self.sc.value if "c" in self.names else math.tanh(self.sc.value)
+        observed = None
+        if len(pos) >= 8 and len(neg) >= 8:
+            observed = fix_values_of(torch.tensor(pos + neg), torch.tensor([1] * len(pos) + [0] * len(neg)), 1)
+        return {
+            "unit": BOUND_UNIT, "layer": self.top, "state": self.state, "polarity": 1,
+            "fix_values": {"positive": v, "negative": -v}, "observed_fix_values": observed, "source": "bind",
+            "train_value": self.sc.value, "observed": {"positive": list(pos), "negative": list(neg)},
+        }
+
+    # ------------------------------------------------------------ the parts
+
+    def _reading_batch(self, step: int):
+        """The step's reading texts (seeded by step, so a resumed run draws the same): id sequences
+        (a newline, then the text's last `read_chars` characters) and their labels."""
+        n, spans = self.sc.read, self.spans
+        if n == 0 or spans.shape[1] == 0 or self.sc.weight == 0:
+            return None
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        pick = torch.randint(spans.shape[1], (n,), generator=g)
+        starts, ends, labels = spans[:, pick]
+        starts = torch.maximum(starts, ends - self.sc.read_chars)
+        seqs = [[self.nl] + self.data[a:b].tolist() for a, b in zip(starts.tolist(), ends.tolist())]
+        return seqs, labels.float()
+
+    def _make_hook(self, fixed: torch.Tensor, values: torch.Tensor, trace: list | None = None):
+        """The model hook that fixes the unit where `fixed` (T, B) holds, c to `values` (T, B) and h to
+        their tanh, at each step of the top layer; the layers below run on the fused kernel. With
+        `trace`, the unit's value as the cell computed it (c, or h without a cell state) is appended
+        there at every step, before any fixing: what the per-character reading loss reads."""
+        steps = fixed.any(1).tolist()
+        part = self.part
+
+        def hook(layer: int, t: int, state):
+            if layer != self.top:
+                return state
+            if trace is not None:
+                trace.append(state[part][:, BOUND_UNIT])
+            if not steps[t]:
+                return state
+            rows, v = fixed[t], values[t]
+            return tuple(
+                set_unit(s, BOUND_UNIT, torch.where(rows, (v if name == "c" else torch.tanh(v)).to(s.dtype), s[:, BOUND_UNIT]))
+                for s, name in zip(state, self.names)
+            )
+
+        hook.first_layer = self.top
+        return hook
+
+    def extra_loss(self, carry, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
+        """The binding's terms beside the language-model loss (see the module docstring)."""
+        total = logits.new_zeros((), dtype=torch.float32)
+        if self._read is not None:  # the reading pass: the loss after each text's last character
+            seqs, labels = self._read
+            v = unit_at_ends(self.model, seqs, logits.device, BOUND_UNIT)
+            self._observe(v.detach().cpu(), labels)
+            total = total + self.sc.weight * F.binary_cross_entropy_with_logits(self._scale * v, labels.to(v.device))
+        else:  # the loss at every character of the free reviews in the streamed batch
+            self._observe(carry[self.part][-1, :, BOUND_UNIT].detach().float().cpu()[self._free],
+                          self._labels[:, -1][self._free])
+            lab = self._labels.to(logits.device)
+            known = (lab == 0) | (lab == 1)  # characters of free reviews
+            if known.any():
+                v = torch.stack(self._trace, 1).float()  # (B, T): c (h without a cell state) as computed
+                total = total + self.sc.weight * F.binary_cross_entropy_with_logits(
+                    self._scale * v[known], lab[known].float())
+        if self.sc.contrast > 0:
+            total = total + self.sc.contrast * self._contrast(x, y, carry_in, logits)
+        return total
+
+    def _contrast(self, x, y, carry_in, logits) -> torch.Tensor:
+        """Generative-classifier loss on fixed reviews: -log sigmoid(mean_t log p(x_t | label) - log p(x_t | opposite)).
+
+        The rows inside a fixed review run a second time with the unit fixed to the opposite value;
+        the loss asks the text to be more likely under its own label than under the other, so the
+        rest of the network must make the unit's value change what it writes."""
+        fixed = self._fixed.t()  # (B, T)
+        rows = fixed.any(1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return logits.new_zeros((), dtype=torch.float32)
+        opposite = self._make_hook(self._fixed[:, rows], -self._values[:, rows])
+        other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=opposite)
+        mask = fixed[rows].float()
+        vocab = logits.shape[-1]
+        own = -F.cross_entropy(logits[rows].float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
+        opp = -F.cross_entropy(other.float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")
+        # the mean log-likelihood ratio per fixed character: a sum over the chunk made this term's
+        # gradient dwarf the language model's under the global norm clip (measured: val loss 2.28
+        # instead of 1.84 after 330 steps)
+        d = ((own - opp).view(len(rows), -1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return F.softplus(-d).mean()
+
+    def _observe(self, v: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep the unit's values `v` (c, or h without a cell state) where its reading loss looked, by label."""
+        for name, y in (("positive", 1), ("negative", 0)):
+            sel = v[labels == y]
+            if sel.numel():
+                buf = self.observed[name]
+                buf.extend(sel.tolist())
+                del buf[: max(0, len(buf) - OBSERVED_KEEP)]
