@@ -56,7 +56,9 @@ def find(
     from charrnn import checkpoint as ckm
     from charrnn import sentiment as sm
     from charrnn import ui
+    from charrnn.config import check_seed
 
+    check_seed(seed)
     t0 = time.perf_counter()
     path = ckm.resolve(checkpoint)
     model, vocab, ck = ckm.load_model(path)
