@@ -203,7 +203,7 @@ class Trainer:
             self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.amp_dtype = autocast_dtype(device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.carry = model.init_state(self.local_batch, device)
         self.extra: dict = {}  # other checkpoint fields carried along (e.g. a sentiment unit)
         # Extension point: an object with before_step(step, carry) -> carry (called right before the
