@@ -18,6 +18,12 @@ DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
 # and 3e-3 1.5053 (README: "How the defaults were chosen").
 BASE_LR = 5e-3
 DEFAULT_PATIENCE = 5  # evaluations without a new best before a time-budget run stops early
+SEED_LIMIT = 2**64  # seeds are 0 .. 2**64 - 1: what torch's generators hold (larger ones overflow there)
+# Upper bounds for sizes no run could use: past them torch overflows (a traceback, not an out-of-memory
+# line) or, for threads and layers, builds absurd thread pools or module lists before failing.
+MAX_SIZE = 1 << 20  # hidden, embed, seq_len, batch_size
+MAX_LAYERS = 1024
+MAX_THREADS = 1024
 
 
 # TrainConfig's flat fields before SentimentConfig held them (checkpoints of older runs): old name -> field
@@ -103,7 +109,22 @@ def parse_duration(text: str) -> float:
     secs = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
     if secs <= 0:
         raise UsageError(f"the duration {text!r} must be longer than zero")
+    if not math.isfinite(secs):
+        raise UsageError(f"the duration {text[:40]!r} is too long to count; write it like 90s, 5m or 1h30m")
     return secs
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> None:
+    """Reject a seed torch's generators cannot hold (negative seeds too: there they alias large ones)."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"{option} must be a whole number from 0 to {SEED_LIMIT - 1} (got {seed})")
+
+
+def check_finite(**values: float | None) -> None:
+    """Reject NaN and infinity, which pass every range check written as a comparison (nan < 0 is False)."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -112,10 +133,21 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.cell not in CELLS:
         raise UsageError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+    check_finite(dropout=cfg.dropout, lr=cfg.lr, grad_clip=cfg.grad_clip, epochs=cfg.epochs, time=cfg.time_s,
+                 val_frac=cfg.val_frac, min_lr_frac=cfg.min_lr_frac, sentiment_weight=cfg.sentiment_weight,
+                 sentiment_forced=cfg.sentiment_clamp_frac, sentiment_contrast=cfg.sentiment_contrast,
+                 sentiment_clamp=cfg.sentiment_clamp)
+    check_seed(cfg.seed)
     for name in ("layers", "hidden", "seq_len", "batch_size", "steps", "eval_every", "eval_chars", "threads"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+    limits = {"hidden": MAX_SIZE, "embed": MAX_SIZE, "seq_len": MAX_SIZE, "batch_size": MAX_SIZE,
+              "layers": MAX_LAYERS, "threads": MAX_THREADS}
+    for name, limit in limits.items():
+        v = getattr(cfg, name)
+        if v is not None and v > limit:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {limit:,} (got {v:,})")
     if cfg.embed < 0:
         raise UsageError(f"--embed must be 0 (same as --hidden) or more (got {cfg.embed})")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:

@@ -204,7 +204,7 @@ class Trainer:
             self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.amp_dtype = autocast_dtype(device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
         self.carry = model.init_state(self.local_batch, device)
         # What each step minimises (charrnn/objective.py): the plain language model, or the bound one
         # of `train --sentiment-unit`; set by _attach_objective.
@@ -251,13 +251,14 @@ class Trainer:
         budget = cfg.time_s
         if cfg.steps is None and cfg.epochs is None and cfg.time_s is None:
             budget = DEFAULT_TIME_S
+        if init is not None:  # the architecture comes from the checkpoint, before resolve picks the learning
+            # rate (and anything else sized by the width) from it; its dropout too, unless one was given
+            mc = init["model_config"]
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "cell": mc["cell"], "layers": mc["layers"],
+                                         "hidden": mc["hidden"], "embed": mc["embed"],
+                                         "dropout": mc["dropout"] if cfg.dropout is None else cfg.dropout})
         cfg = resolve(cfg, len(train_data), budget if cfg.steps is None and cfg.epochs is None else None,
                       pick_device(cfg.device).type)
-        if init is not None:  # the architecture comes from the checkpoint
-            mc = init["model_config"]
-            cfg.cell, cfg.layers, cfg.hidden, cfg.embed = mc["cell"], mc["layers"], mc["hidden"], mc["embed"]
-            if cfg.dropout != mc["dropout"] and cfg.dropout is None:
-                cfg.dropout = mc["dropout"]
         device, dist = _setup_distributed(cfg)
         torch.manual_seed(cfg.seed)
         model = CharRNN(ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)).to(device)
@@ -327,6 +328,8 @@ class Trainer:
         st = RunState(**ck["train"]["state"])
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, st, dev, callback)
         trainer.optimizer.load_state_dict(ck["optimizer"])
+        if trainer.scaler is not None and ck.get("scaler"):  # fp16: the loss scale it had reached, so resume is exact
+            trainer.scaler.load_state_dict(ck["scaler"])
         # the carried state of all B streams; this process takes its rows (the process count may differ)
         trainer.carry = tuple(s[:, trainer.rows].contiguous().to(dev) for s in ck["train"]["carry"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -377,6 +380,7 @@ class Trainer:
                 "carry": tuple(s.detach().cpu() for s in self._full_carry),
             },
             **({"sentiment": record} if record else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         }
 
     def save(self, val_loss: float | None) -> Path:
@@ -461,14 +465,18 @@ class Trainer:
             "step": self.state.step,
         }
 
+    def _restore_good(self) -> None:
+        """Put the last good in-memory state (weights, optimiser, carried state, step) back in place."""
+        self.model.load_state_dict(self._good["model"])
+        self.optimizer.load_state_dict(self._good["optimizer"])
+        self.carry = tuple(s.clone() for s in self._good["carry"])
+        self.state.step = self._good["step"]
+
     def _rollback(self) -> None:
         """Go back to the last good in-memory state with half the learning rate, or give up (and save it)."""
         st = self.state
         bad_step = st.step
-        self.model.load_state_dict(self._good["model"])
-        self.optimizer.load_state_dict(self._good["optimizer"])
-        self.carry = tuple(s.clone() for s in self._good["carry"])
-        st.step = self._good["step"]
+        self._restore_good()
         if st.rollbacks >= MAX_ROLLBACKS:
             path = self.save(None)  # the last good state, if it is not on disk already
             raise TrainingDiverged(
@@ -643,13 +651,24 @@ class Trainer:
                     break
         st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
         if reason == "interrupted":
+            # stopped inside a streak of bad steps, or right after a step that left NaN weights (its own
+            # loss was finite; the next one's would not be): save the last good state, not these weights
+            if bad or not all(torch.isfinite(p).all() for p in self.model.parameters()):
+                self._restore_good()
             path = self.save(None)  # a no-op when this step was just evaluated and saved
             self.callback("end", {"reason": reason, "signal": self._stop_signal, "step": st.step, "path": str(path),
                                   "run_dir": str(self.run_dir), "best_val_loss": st.best_val_loss})
             return {"reason": reason, "signal": self._stop_signal, "step": st.step, "run_dir": self.run_dir,
                     "best_val_loss": st.best_val_loss, "val_loss": None}
         if st.step != self._last_saved_step:  # a time budget ran out between evaluations
+            final_step = st.step
             last_val = self._eval_and_save(elapsed_base, t_session)
+            if not math.isfinite(last_val):  # rolled back, with no time left to train on
+                path = self.save(None)  # the last good state, if it is not on disk already
+                raise TrainingDiverged(
+                    f"the final evaluation (step {final_step}) was not finite: the weights diverged "
+                    f"after the last good state (step {st.step}), saved in {path}; continue from it with a lower "
+                    f"learning rate, e.g. 'charrnn train CORPUS --init-from {path} --lr {self.cfg.lr * st.lr_scale:.2g}'")
         summary = {
             "reason": reason, "patience": cfg.patience, "step": st.step, "run_dir": self.run_dir, "val_loss": last_val,
             "best_val_loss": st.best_val_loss, "best_step": st.best_step, "elapsed_s": st.elapsed_s,
