@@ -12,7 +12,7 @@ import torch
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import TrainConfig, resolve, time_budget, validate
 from charrnn.data import StreamBatcher, Vocab, load_corpus, split
-from charrnn.device import pick_device, setup_distributed
+from charrnn.device import Precision, pick_device, setup_distributed
 from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN, ModelConfig
@@ -36,6 +36,7 @@ class Parts:
     dist: Dist
     model: CharRNN
     optimizer: torch.optim.Optimizer
+    precision: Precision
     rows: slice  # this process's streams of the batch
     carry: tuple  # the recurrent state carried into the next step, for this process's streams
     objective: Objective  # what each step minimises (charrnn/objective.py)
@@ -113,6 +114,7 @@ def _assemble(cfg: TrainConfig, corpus: list[Path], vocab: Vocab, train_data: to
     if weights is not None:
         model.load_state_dict(weights)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    precision = Precision(device)
     rows = dist.shard(cfg.batch_size)
     folder = RunFolder(broadcast_object(dist, run_dir), main=dist.main)  # every process, one folder
     if saved is None:
@@ -120,6 +122,7 @@ def _assemble(cfg: TrainConfig, corpus: list[Path], vocab: Vocab, train_data: to
         folder.create()
     else:
         optimizer.load_state_dict(saved["optimizer"])
+        precision.load_state_dict(saved.get("scaler"))  # fp16: the loss scale it had reached
         # the carried state of all B streams; this process takes its rows (the process count may differ)
         carry = tuple(s[:, rows].contiguous().to(device) for s in saved["train"]["carry"])
         torch.set_rng_state(saved["rng"]["torch"])
@@ -127,8 +130,8 @@ def _assemble(cfg: TrainConfig, corpus: list[Path], vocab: Vocab, train_data: to
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         folder.truncate_metrics(state.step)
     objective = _objective(cfg, model, corpus, vocab, train_data, len(train_data) + len(val_data), record)
-    return Parts(cfg, corpus, vocab, train_data, val_data, state, folder, device, dist, model, optimizer, rows,
-                 carry, objective, evaluated=saved is not None and saved.get("val_loss") is not None)
+    return Parts(cfg, corpus, vocab, train_data, val_data, state, folder, device, dist, model, optimizer, precision,
+                 rows, carry, objective, evaluated=saved is not None and saved.get("val_loss") is not None)
 
 
 def _objective(cfg: TrainConfig, model: CharRNN, corpus: list[Path], vocab: Vocab, train_data: torch.Tensor,
@@ -166,4 +169,5 @@ def payload(t, val_loss: float | None, carry: tuple) -> dict:
             "carry": tuple(s.detach().cpu() for s in carry),
         },
         **({"sentiment": record} if record else {}),
+        **({"scaler": t.precision.state_dict()} if t.precision.scaler is not None else {}),
     }

@@ -187,7 +187,7 @@ def sample(
     temp: Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 = greedy.")] = 1.0,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely characters; 0 = all.")] = 0,
     top_p: Annotated[float, typer.Option(help="Sample from the smallest set reaching probability p; 1 = all.")] = 1.0,
-    length: Annotated[int, typer.Option(help="Characters to generate after the prime.")] = 500,
+    length: Annotated[int, typer.Option(help="Characters to generate after the prime (one sample streams in constant memory, any length; --num N and --jsonl hold the texts).")] = 500,
     prime: Annotated[str, typer.Option(help="Text to start from (included in the output).")] = "",
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
     num: Annotated[int, typer.Option(help="Number of samples.")] = 1,
@@ -203,10 +203,12 @@ def sample(
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
     from charrnn import ui
-    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, validate
+    from charrnn.config import check_finite
+    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, stream_chars, validate
     from charrnn.checkpoint import load_model
     from charrnn.train import pick_device
 
+    check_finite(value=value)
     if guidance is None:
         guidance = SENTIMENT_GUIDANCE if sentiment is not None else 0.0
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
@@ -227,12 +229,9 @@ def sample(
 
         sys.stdout.write(kept or default_prime(vocab))
         sys.stdout.flush()
-
-        def on_chars(chars: list[str]) -> None:
+        for chars in stream_chars(model, vocab, cfg, hook=hook):  # nothing kept: --length can be any size
             sys.stdout.write(chars[0])
             sys.stdout.flush()
-
-        generate(model, vocab, cfg, on_chars=on_chars, hook=hook)
         sys.stdout.write("\n")
         return
     texts = generate(model, vocab, cfg, hook=hook)
@@ -513,6 +512,11 @@ def main() -> None:
     """Run the app; a usage error (bad option, bad value) is one plain line and exit code 2."""
     global _OWN_PROCESS
     _OWN_PROCESS = True
+    import warnings
+
+    # torch warns at import, in two lines on stderr, when NumPy is absent; charrnn never uses NumPy,
+    # and the warning would sit above every one-line error (and every run) on a machine without it
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         code = app(standalone_mode=False)
     except Exception as e:  # the parser's own errors carry a message and an exit code

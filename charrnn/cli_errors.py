@@ -6,6 +6,7 @@ Its own module so that command modules beside cli.py (cli_corpus.py) can use it 
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 import typer
@@ -31,8 +32,40 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             ui.error("interrupted")
             raise typer.Exit(130)
-        except MemoryError:
-            ui.error("out of memory; use a smaller --hidden, --batch-size or --seq-len")
+        except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+            if not out_of_memory(e):
+                raise
+            ui.error(f"out of memory{_asked(e)}; {OOM_HINTS.get(fn.__name__, OOM_HINT)}")
             raise typer.Exit(1)
 
     return wrapper
+
+
+# What to lower, by command (the function's name); others get OOM_HINT.
+OOM_HINTS = {
+    "sample": "use a smaller --num (samples run together as one batch)",
+    "train": "use a smaller --hidden, --batch-size or --seq-len",
+}
+OOM_HINT = "use a smaller model or input"
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether e says an allocation failed: Python's MemoryError, torch's OutOfMemoryError (CUDA, MPS),
+    or the RuntimeError torch's CPU allocator raises ("DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _asked(e: BaseException) -> str:
+    """' (asked for 80.0 GB at once)' when torch's message says how much, else ''."""
+    m = re.search(r"tried to allocate (\d+) bytes", str(e)) or re.search(r"Tried to allocate ([\d.]+ [KMGT]iB)", str(e))
+    if not m:
+        return ""
+    size = m.group(1)
+    if size.isdigit():
+        from charrnn.ui import fmt_size
+
+        size = fmt_size(int(size))
+    return f" (asked for {size} at once)"

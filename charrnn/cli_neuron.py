@@ -46,8 +46,10 @@ def find(
 
     from charrnn import checkpoint as ckm
     from charrnn import ui
+    from charrnn.config import check_seed
     from charrnn.neuron import find_sentiment_unit, set_record
 
+    check_seed(seed)
     t0 = time.perf_counter()
     path = ckm.resolve(checkpoint)
     model, vocab, ck = ckm.load_model(path)

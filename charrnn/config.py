@@ -20,6 +20,12 @@ BASE_LR = 5e-3
 DEFAULT_PATIENCE = 5  # evaluations without a new best before a time-budget run stops early
 DEFAULT_MAX_EPOCHS = 50  # cap on a run given no length at all
 EVALS_PER_RUN = 10  # evaluations (and saves) in a run given no --eval-every
+SEED_LIMIT = 2**64  # seeds are 0 .. 2**64 - 1: what torch's generators hold (larger ones overflow there)
+# Upper bounds for sizes no run could use: past them torch overflows (a traceback, not an out-of-memory
+# line) or, for threads and layers, builds absurd thread pools or module lists before failing.
+MAX_SIZE = 1 << 20  # hidden, embed, seq_len, batch_size
+MAX_LAYERS = 1024
+MAX_THREADS = 1024
 
 
 # TrainConfig's flat fields before SentimentConfig held them (checkpoints of older runs): old name -> field
@@ -107,7 +113,22 @@ def parse_duration(text: str) -> float:
     secs = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
     if secs <= 0:
         raise UsageError(f"the duration {text!r} must be longer than zero")
+    if not math.isfinite(secs):
+        raise UsageError(f"the duration {text[:40]!r} is too long to count; write it like 90s, 5m or 1h30m")
     return secs
+
+
+def check_seed(seed: int | None, option: str = "--seed") -> None:
+    """Reject a seed torch's generators cannot hold (negative seeds too: there they alias large ones)."""
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"{option} must be a whole number from 0 to {SEED_LIMIT - 1} (got {seed})")
+
+
+def check_finite(**values: float | None) -> None:
+    """Reject NaN and infinity, which pass every range check written as a comparison (nan < 0 is False)."""
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number (got {v})")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -116,10 +137,21 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.cell not in CELLS:
         raise UsageError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
+    check_finite(dropout=cfg.dropout, lr=cfg.lr, grad_clip=cfg.grad_clip, epochs=cfg.epochs, time=cfg.time_s,
+                 val_frac=cfg.val_frac, min_lr_frac=cfg.min_lr_frac, sentiment_weight=cfg.sentiment.weight,
+                 sentiment_fixed=cfg.sentiment.fixed, sentiment_contrast=cfg.sentiment.contrast,
+                 sentiment_value=cfg.sentiment.value)
+    check_seed(cfg.seed)
     for name in ("layers", "hidden", "seq_len", "batch_size", "steps", "eval_every", "eval_chars", "threads"):
         v = getattr(cfg, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1 (got {v})")
+    limits = {"hidden": MAX_SIZE, "embed": MAX_SIZE, "seq_len": MAX_SIZE, "batch_size": MAX_SIZE,
+              "layers": MAX_LAYERS, "threads": MAX_THREADS}
+    for name, limit in limits.items():
+        v = getattr(cfg, name)
+        if v is not None and v > limit:
+            raise UsageError(f"--{name.replace('_', '-')} must be at most {limit:,} (got {v:,})")
     if cfg.embed < 0:
         raise UsageError(f"--embed must be 0 (same as --hidden) or more (got {cfg.embed})")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
@@ -176,16 +208,19 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
     """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device.
 
     `arch` is the model_config of an --init-from checkpoint: its cell and sizes replace the asked-for
-    ones first, so the learning rate and dropout are chosen for the width that will actually train.
+    ones first, so the learning rate (and anything else sized by the width) is chosen for the width
+    that will actually train; its dropout too, unless one was given.
     """
-    out = cfg if arch is None else replace(cfg, **{k: arch[k] for k in ("cell", "layers", "hidden", "embed")})
+    if arch is not None:
+        cfg = replace(cfg, **{k: arch[k] for k in ("cell", "layers", "hidden", "embed")},
+                      dropout=arch["dropout"] if cfg.dropout is None else cfg.dropout)
     out = replace(
-        out,
-        batch_size=out.batch_size or BATCH_BY_DEVICE.get(device_type, 32),
-        seq_len=out.seq_len or SEQ_BY_DEVICE.get(device_type, 64),
-        layers=out.layers or 2,
-        patience=out.patience if out.patience is not None else
-        DEFAULT_PATIENCE if out.steps is None and out.epochs is None else 0,
+        cfg,
+        batch_size=cfg.batch_size or BATCH_BY_DEVICE.get(device_type, 32),
+        seq_len=cfg.seq_len or SEQ_BY_DEVICE.get(device_type, 64),
+        layers=cfg.layers or 2,
+        patience=cfg.patience if cfg.patience is not None else
+        DEFAULT_PATIENCE if cfg.steps is None and cfg.epochs is None else 0,
     )
     if out.hidden is None:
         out = replace(out, hidden=_hidden_for(out.layers, train_chars, budget_s, device_type))

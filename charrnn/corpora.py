@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,8 +33,12 @@ from charrnn.errors import DataError, DownloadError, UsageError
 CATALOG_RESOURCE = "catalog.json"
 DEFAULT_DIR = Path("corpora")
 MIRROR_ENV = "CHARRNN_MIRROR"
-TIMEOUT_S = 30.0
+TIMEOUT_S = 30.0  # per read: a server silent this long has stalled
 CHUNK = 1 << 16
+# The whole download has a deadline too, since a server trickling a byte at a time never trips the
+# per-read timeout: a fixed allowance plus the catalogued size at this slowest acceptable average rate.
+DEADLINE_BASE_S = 60.0
+MIN_RATE_BYTES_S = 10_000
 
 Callback = Callable[[str, dict], None]
 
@@ -187,10 +192,17 @@ def _open(src: str, mirror: str | None):
     return resp, int(length) if length and length.isdigit() else None
 
 
+def deadline_for(entry: Entry) -> float:
+    """Seconds a download of entry may take in all (see MIN_RATE_BYTES_S)."""
+    return DEADLINE_BASE_S + entry.bytes / MIN_RATE_BYTES_S
+
+
 def fetch(entry: Entry, dest_dir: Path = DEFAULT_DIR, mirror: str | None = None,
-          callback: Callback | None = None) -> Fetched:
+          callback: Callback | None = None, deadline_s: float | None = None) -> Fetched:
     """Make dest_dir/entry.file a verified copy of entry: already there, or downloaded and checked.
 
+    The download stops with an error once it holds more than the catalogued size (it reads at most one
+    chunk past it) or after deadline_s seconds in all (default: deadline_for(entry)).
     Events: "start" {name, file, bytes, source}, "progress" {name, done, total}, "end" {name, path, status}.
     """
     emit = callback or (lambda event, data: None)
@@ -201,13 +213,17 @@ def fetch(entry: Entry, dest_dir: Path = DEFAULT_DIR, mirror: str | None = None,
         emit("end", {"name": entry.name, "path": str(dest), "status": "present"})
         return Fetched(entry, dest, "present", "")
     src = source_for(entry, mirror)
+    limit_s = deadline_for(entry) if deadline_s is None else deadline_s
     stream, total = _open(src, mirror)  # fails before anything is written
     with stream:
+        if total is not None and total > entry.bytes:
+            raise DownloadError(f"{entry.file} from {src} is {total:,} bytes, the catalogue says {entry.bytes:,}; "
+                                "nothing was saved; the source holds another version")
         fd, tmp = _temp_beside(dest)
         try:
             with os.fdopen(fd, "wb") as out:
                 emit("start", {"name": entry.name, "file": entry.file, "bytes": entry.bytes, "source": src})
-                digest, done = _copy(stream, out, entry, total, src, emit)
+                digest, done = _copy(stream, out, entry, total, src, emit, limit_s)
                 out.flush()
                 os.fsync(out.fileno())
             if done != entry.bytes:
@@ -239,18 +255,34 @@ def _temp_beside(dest: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def _copy(stream, out, entry: Entry, total: int | None, src: str, emit: Callback) -> tuple[str, int]:
-    """Copy stream to out, hashing; a broken connection is an interrupted download."""
+def _copy(stream, out, entry: Entry, total: int | None, src: str, emit: Callback,
+          limit_s: float = float("inf")) -> tuple[str, int]:
+    """Copy stream to out, hashing; a broken connection is an interrupted download.
+
+    Stops with an error past the catalogued size or after limit_s seconds.
+    """
+    deadline = time.monotonic() + limit_s
     h = hashlib.sha256()
     done = 0
     announced, total = total, total or entry.bytes
     emit("progress", {"name": entry.name, "done": 0, "total": total})
+    # read1: whatever has arrived, at most CHUNK; read(CHUNK) would wait for a whole chunk, so a
+    # trickling server could hold one call far past the deadline
+    read = getattr(stream, "read1", stream.read)
     try:
-        for block in iter(lambda: stream.read(CHUNK), b""):
+        for block in iter(lambda: read(CHUNK), b""):
             h.update(block)
             out.write(block)
             done += len(block)
             emit("progress", {"name": entry.name, "done": done, "total": total})
+            if done > entry.bytes:
+                raise DownloadError(f"{entry.file} from {src}: the source sent more than the catalogue's "
+                                    f"{entry.bytes:,} bytes; stopped; nothing was saved; the source holds another "
+                                    "version")
+            if time.monotonic() > deadline:
+                raise DownloadError(f"download of {entry.file} from {src} is too slow: {done:,} of {total:,} bytes "
+                                    f"after {limit_s:g} s, its deadline; nothing was saved; try again later or use "
+                                    "another --mirror")
     except (OSError, http.client.HTTPException) as e:
         if isinstance(e, OSError) and e.errno == 28:  # ENOSPC: the disk, not the network
             raise DownloadError(f"disk full while writing {entry.file}; nothing was saved; free some space") from None
@@ -266,8 +298,8 @@ def _interrupted(entry: Entry, src: str, done: int, total: int, why: str):
 
 
 def fetch_all(entries: list[Entry], dest_dir: Path = DEFAULT_DIR, mirror: str | None = None,
-              callback: Callback | None = None) -> list[Fetched]:
-    return [fetch(e, dest_dir, mirror, callback) for e in entries]
+              callback: Callback | None = None, deadline_s: float | None = None) -> list[Fetched]:
+    return [fetch(e, dest_dir, mirror, callback, deadline_s) for e in entries]
 
 
 def expand_corpus_args(paths: list[Path]) -> list[Path]:

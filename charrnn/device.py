@@ -51,12 +51,20 @@ class Precision:
     def __init__(self, device: torch.device):
         self.device_type = device.type
         self.dtype = autocast_dtype(device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
 
     @property
     def skips_overflow(self) -> bool:
         """fp16: a non-finite gradient is an overflow that the scaler skips (and lowers its scale), as designed."""
         return self.scaler is not None
+
+    def state_dict(self) -> dict | None:
+        """fp16: the loss scale reached (and its growth count), which an exact resume needs; else None."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)

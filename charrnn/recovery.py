@@ -80,6 +80,11 @@ class Recovery:
         self.bad += 1
         return self.bad >= MAX_BAD_STEPS
 
+    def unsafe_to_save(self) -> bool:
+        """Inside a streak of bad steps, or right after a step that left NaN weights (its own loss was
+        finite; the next one's would not be): the current weights are not the ones to save."""
+        return self.bad > 0 or not all(torch.isfinite(p).all() for p in self.model.parameters())
+
     def restore(self) -> tuple:
         """Back to the last good state (weights, optimiser, step); returns its carried state."""
         self.model.load_state_dict(self.good["model"])
@@ -108,3 +113,11 @@ class Recovery:
         st.lr_scale *= 0.5
         return (f"step {bad_step}: {MAX_BAD_STEPS} bad steps in a row; rolled back to step {st.step} "
                 f"(the last good state) and halved the learning rate (now {self.cfg.lr * st.lr_scale:.3g})")
+
+    def final_diverged(self, final_step: int, path: Path) -> TrainingDiverged:
+        """The error for a final evaluation that was not finite (rolled back to the state saved in `path`)."""
+        st = self.state
+        return TrainingDiverged(
+            f"the final evaluation (step {final_step}) was not finite: the weights diverged "
+            f"after the last good state (step {st.step}), saved in {path}; continue from it with a lower "
+            f"learning rate, e.g. 'charrnn train CORPUS --init-from {path} --lr {self.cfg.lr * st.lr_scale:.2g}'")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from charrnn.config import check_finite, check_seed
 from charrnn.data import Vocab
-from charrnn.errors import UsageError
+from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN
 
 
@@ -18,6 +19,11 @@ from charrnn.model import CharRNN
 # +37 (VADER) / +26 (AFINN) points, real reviews by +28 / +32; 0.25 by +48 / +35 (seed 2: +50 / +41), at
 # 0.08 nats/char more under the unit-free model; 0.5 by +59 / +53 and less fluent.
 SENTIMENT_GUIDANCE = 0.25
+# --guidance above this is out of range: 0.5 already reads less fluent (README), and far above it
+# own + G * (own - opposite) overflows float32 (G around 1e36) and the draw has no distribution left.
+MAX_GUIDANCE = 100.0
+# Below this temperature pick() checks whether logits / T overflowed float32 (T = 1e-39 does).
+TINY_TEMPERATURE = 1e-3
 
 
 @dataclass
@@ -34,6 +40,8 @@ class SampleConfig:
 
 
 def validate(cfg: SampleConfig) -> None:
+    check_finite(temp=cfg.temperature, top_p=cfg.top_p, guidance=cfg.guidance)
+    check_seed(cfg.seed)
     if cfg.temperature < 0:
         raise UsageError(f"--temp must be 0 (greedy) or more (got {cfg.temperature})")
     if cfg.top_k < 0:
@@ -44,8 +52,8 @@ def validate(cfg: SampleConfig) -> None:
         raise UsageError(f"--length must be 0 or more (got {cfg.length})")
     if cfg.num < 1:
         raise UsageError(f"--num must be at least 1 (got {cfg.num})")
-    if cfg.guidance < 0:
-        raise UsageError(f"--guidance must be 0 (off) or more (got {cfg.guidance})")
+    if not 0 <= cfg.guidance <= MAX_GUIDANCE:
+        raise UsageError(f"--guidance must be from 0 (off) to {MAX_GUIDANCE:g} (got {cfg.guidance})")
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
 
@@ -91,7 +99,13 @@ def with_precision(model: CharRNN, precision: str) -> CharRNN:
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits / temperature
+    """logits / T. A T so close to 0 that this overflows float32 (1e-39) is taken as its limit T -> 0:
+    every character but the most likely one (or the tied most likely ones) gets probability 0."""
+    scaled = logits / temperature
+    if temperature >= TINY_TEMPERATURE or torch.isfinite(scaled).all():
+        return scaled
+    top = logits.max(dim=-1, keepdim=True).values
+    return torch.zeros_like(logits).masked_fill(logits < top, float("-inf"))
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -140,22 +154,40 @@ def default_prime(vocab: Vocab) -> str:
     return "\n" if "\n" in vocab.chars else vocab.chars[0]
 
 
-@torch.no_grad()
 def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
              on_chars: Callable[[list[str]], None] | None = None,
              hook=None) -> list[str]:
     """Generate `cfg.num` samples; each starts with the prime (unknown characters already removed).
 
     `on_chars` receives the newly generated character of every sample at each step, so the
-    caller can stream them. `hook(layer, t, state) -> state`, if given, may edit each layer's state
-    at every step before the layers above read it (used to fix a unit's value; see charrnn/model.py).
+    caller can stream them. Returns the full texts, prime included, so memory grows with
+    num * length; `stream_chars` keeps nothing. `hook` and `cfg` as in `stream_chars`.
+    """
+    out = None
+    for chars in stream_chars(model, vocab, cfg, hook):
+        if out is None:  # made after the model's state, so a --num too large fails there, at once
+            out = [[] for _ in chars]
+        for buf, ch in zip(out, chars):
+            buf.append(ch)
+        if on_chars is not None:
+            on_chars(chars)
+    prime = cfg.prime or default_prime(vocab)
+    return [prime + "".join(buf) for buf in out] if out is not None else [prime] * cfg.num
+
+
+@torch.no_grad()
+def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> Iterator[list[str]]:
+    """Yield the next character of every sample, `cfg.length` times, after feeding the prime
+    (`cfg.prime`, or default_prime). Nothing is kept between steps, so any length runs in constant memory.
+
+    `hook(layer, t, state) -> state`, if given, may edit each layer's state at every step before the
+    layers above read it (used to fix a unit's value; see charrnn/model.py).
     `cfg.precision` decides whether a bf16 copy of the model samples (see choose_precision).
 
     With `cfg.guidance` g > 0 the batch has 2 * num rows: row i and row num + i read the same text,
     and `hook` must fix the unit one way on the first num rows and the opposite way on the others
     (neuron.steering_hook(..., guided_rows=num) builds it). The next character is drawn from
     logits_i + g * (logits_i - logits_{num+i}): what the fixed value changes, amplified.
-    Returns the full texts, prime included.
     """
     validate(cfg)
     n = cfg.num
@@ -167,24 +199,25 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
         gen.seed()
     else:
         gen.manual_seed(cfg.seed)
-    prime = cfg.prime or default_prime(vocab)
-    ids = vocab.encode(prime)
+    ids = vocab.encode(cfg.prime or default_prime(vocab))
     state = model.init_state(rows, device)
     logits = None
     for i in ids:  # feed the prime one character at a time, so a hook sees every step
         x = torch.full((rows,), i, dtype=torch.long, device=device)
         logits, state = model.step(x, state, hook)
-    out = [[] for _ in range(n)]
-    for _ in range(cfg.length):
+    for step in range(cfg.length):
         if rows > n:
             own, other = logits[:n].float(), logits[n:].float()
             logits = own + cfg.guidance * (own - other)
-        nxt = pick(logits.cpu(), cfg, gen)  # sampling on CPU keeps seeds portable across devices
-        chars = [vocab.chars[j] for j in nxt.tolist()]
-        for buf, ch in zip(out, chars):
-            buf.append(ch)
-        if on_chars is not None:
-            on_chars(chars)
+        try:
+            nxt = pick(logits.cpu(), cfg, gen)  # sampling on CPU keeps seeds portable across devices
+        except RuntimeError as e:  # multinomial's "probability tensor contains either inf, nan or element < 0"
+            if "probability tensor" not in str(e):
+                raise
+            raise CheckpointError(
+                f"the model's next-character probabilities are not finite at generated character {step + 1} (NaN "
+                "or infinite weights in the checkpoint, or a fixed --value too large); check the checkpoint with "
+                "'charrnn eval CHECKPOINT FILE'") from None
+        yield [vocab.chars[j] for j in nxt.tolist()]
         feed = nxt.repeat(rows // n).to(device)
         logits, state = model.step(feed, state, hook)
-    return [prime + "".join(buf) for buf in out]

@@ -20,7 +20,7 @@ from charrnn import checkpoint as ckpt_mod
 from charrnn.assemble import Parts, new_run, payload, resumed_run
 from charrnn.config import TrainConfig
 from charrnn.data import StreamBatcher
-from charrnn.device import Precision, autocast_dtype, pick_device  # noqa: F401 (the CLI and bench import them from here)
+from charrnn.device import autocast_dtype, pick_device  # noqa: F401 (the CLI and bench import them from here)
 from charrnn.evaluation import evaluate
 from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
 from charrnn.recovery import Recovery, judge
@@ -63,7 +63,7 @@ class Trainer:
         p = parts
         self.cfg, self.corpus, self.vocab, self.state = p.cfg, p.corpus, p.vocab, p.state
         self.train_data, self.val_data, self.folder, self.run_dir = p.train_data, p.val_data, p.folder, p.folder.path
-        self.device, self.dist, self.model, self.optimizer = p.device, p.dist, p.model, p.optimizer
+        self.device, self.dist, self.model, self.optimizer, self.precision = p.device, p.dist, p.model, p.optimizer, p.precision
         self.rows, self.carry, self.objective = p.rows, p.carry, p.objective  # objective: see charrnn/objective.py
         self.events = (callback or TrainEvents()) if self.dist.main else TrainEvents()
         self.batcher = StreamBatcher(self.train_data, self.cfg.batch_size, self.cfg.seq_len)
@@ -74,7 +74,6 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.precision = Precision(self.device)
         self.recovery = Recovery(self.cfg, self.model, self.optimizer, self.state)
         self._stop_signal: int | None = None
         self._last_saved_step = self.state.step if p.evaluated else None  # evaluated and saved: the end need not redo it
@@ -274,9 +273,14 @@ class Trainer:
         st.elapsed_s = session.elapsed()
         path = None
         if reason == "interrupted":
+            if self.recovery.unsafe_to_save():  # stopped inside a streak of bad steps: save the last good state
+                self.carry = self.recovery.restore()
             path = self.save(None)  # a no-op when this step was just evaluated and saved
         elif st.step != self._last_saved_step:  # a time budget ran out between evaluations
+            final_step = st.step
             self._eval_and_save(session)
+            if not math.isfinite(self._last_val):  # rolled back, with no time left to train on
+                raise self.recovery.final_diverged(final_step, self.save(None))
         end = EndEvent(
             reason=reason, step=st.step, run_dir=self.run_dir,
             val_loss=None if reason == "interrupted" else self._last_val, best_val_loss=st.best_val_loss,

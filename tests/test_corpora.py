@@ -322,3 +322,67 @@ charrnn sample --temp 0.8 --length 80 --seed 1
     assert len("\n".join(out[1:])) >= 80  # the sample
     assert list((work / "checkpoints").iterdir())
     shutil.rmtree(clone)
+
+
+class EndlessHandler(QuietHandler):
+    """Sends the file, then more and more bytes with no Content-Length: a source that never stops."""
+
+    sent = 0
+
+    def do_GET(self):
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+            for _ in range(10_000):  # 640 MB at most, should the client never stop reading
+                self.wfile.write(b"x" * 65536)
+                EndlessHandler.sent += 65536
+        except OSError:
+            pass  # the client hung up: what it should do
+        self.close_connection = True
+
+
+class TrickleHandler(QuietHandler):
+    """Announces the file, then sends 200 bytes every 50 ms: each read succeeds, the whole takes minutes."""
+
+    def do_GET(self):
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            for i in range(0, len(data), 200):
+                self.wfile.write(data[i : i + 200])
+                self.wfile.flush()
+                threading.Event().wait(0.05)
+        except OSError:
+            pass
+        self.close_connection = True
+
+
+def test_a_source_sending_more_than_the_catalogued_size_is_cut_off(tmp_path, catalog):
+    entry = catalog.entries[SMALL]
+    with serve(SHARED, EndlessHandler) as url:
+        with pytest.raises(corpora.DownloadError, match="sent more than the catalogue's 61,331 bytes"):
+            corpora.fetch(entry, tmp_path / "corpora", url)
+    assert EndlessHandler.sent < 1000 * 65536  # stopped after a chunk (the socket buffers took some more), not 640 MB
+    assert leftovers(tmp_path / "corpora") == []
+    big = tmp_path / "bigmirror"  # a folder (or a server announcing its length) fails before reading
+    big.mkdir()
+    (big / SMALL_FILE).write_bytes((SHARED / SMALL_FILE).read_bytes() + b"more")
+    r = run_cli("corpus", "get", SMALL, "--mirror", big)
+    assert "is 61,335 bytes, the catalogue says 61,331" in the_error(r) and r.exit_code == 1
+
+
+def test_a_download_has_an_overall_deadline(tmp_path, catalog):
+    import time
+
+    entry = catalog.entries[SMALL]
+    t0 = time.monotonic()
+    with serve(SHARED, TrickleHandler) as url:
+        with pytest.raises(corpora.DownloadError, match="too slow: .* after 1 s, its deadline"):
+            corpora.fetch(entry, tmp_path / "corpora", url, deadline_s=1.0)
+    assert time.monotonic() - t0 < 20  # the whole file would take 15 s at this rate; it stopped at 1
+    assert leftovers(tmp_path / "corpora") == []
+    assert corpora.deadline_for(entry) >= 60  # the default leaves room for a slow line
