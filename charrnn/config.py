@@ -134,9 +134,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.cell not in CELLS:
         raise UsageError(f"unknown cell {cfg.cell!r}; choose one of {', '.join(CELLS)}")
     check_finite(dropout=cfg.dropout, lr=cfg.lr, grad_clip=cfg.grad_clip, epochs=cfg.epochs, time=cfg.time_s,
-                 val_frac=cfg.val_frac, min_lr_frac=cfg.min_lr_frac, sentiment_weight=cfg.sentiment_weight,
-                 sentiment_forced=cfg.sentiment_clamp_frac, sentiment_contrast=cfg.sentiment_contrast,
-                 sentiment_clamp=cfg.sentiment_clamp)
+                 val_frac=cfg.val_frac, min_lr_frac=cfg.min_lr_frac, sentiment_weight=cfg.sentiment.weight,
+                 sentiment_fixed=cfg.sentiment.fixed, sentiment_contrast=cfg.sentiment.contrast,
+                 sentiment_value=cfg.sentiment.value)
     check_seed(cfg.seed)
     for name in ("layers", "hidden", "seq_len", "batch_size", "steps", "eval_every", "eval_chars", "threads"):
         v = getattr(cfg, name)
