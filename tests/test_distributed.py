@@ -33,19 +33,12 @@ def start_torchrun(*args, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "charrnn", *map(str, args)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)  # its own process group, so `stop` reaches the workers too
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def stop(launcher: subprocess.Popen) -> None:
-    """Kill the launcher and its workers (a test that failed must not leave training processes behind)."""
-    if launcher.poll() is None:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.communicate()
-
-
-def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of torchrun's worker process with this RANK (a child of the launcher)."""
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """RANK -> pid of torchrun's worker processes (children of the launcher, each in its own session)."""
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -54,9 +47,21 @@ def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue  # ended meanwhile, or not ours to read
-        if ppid == launcher.pid and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
-    raise AssertionError(f"no worker with RANK={rank} under torchrun pid {launcher.pid}")
+        rank = [e[5:] for e in environ if e.startswith(b"RANK=")]
+        if ppid == launcher.pid and rank:
+            found[int(rank[0])] = int(proc.name)
+    return found
+
+
+def stop(launcher: subprocess.Popen, pids: dict[int, int]) -> None:
+    """Kill what is left of the job: torchrun starts its workers in sessions of their own, so a test
+    that failed must end them by pid, or they train on (and hang) after it."""
+    for pid in [*pids.values(), launcher.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    launcher.communicate()
 
 
 def wait_for_checkpoint(run: Path, launcher: subprocess.Popen, timeout: float = 180) -> Path:
@@ -71,13 +76,13 @@ def wait_for_checkpoint(run: Path, launcher: subprocess.Popen, timeout: float = 
     raise AssertionError("torchrun saved no checkpoint in time")
 
 
-def finish(launcher: subprocess.Popen, limit: float) -> tuple[float, str]:
+def finish(launcher: subprocess.Popen, pids: dict[int, int], limit: float) -> tuple[float, str]:
     """Wait for the whole job to end (killing it if it outlives `limit`); seconds it took, and stderr."""
     t0 = time.monotonic()
     try:
         _, err = launcher.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
-        stop(launcher)
+        stop(launcher, pids)
         raise AssertionError(f"the torchrun job was still running {limit:.0f} s after the failure") from None
     return time.monotonic() - t0, err
 
@@ -95,14 +100,15 @@ def test_disk_full_on_rank_0_ends_the_job_with_one_line(text, tmp_path):
     """RLIMIT_FSIZE lowered on rank 0 (prlimit, as in test_reliability's disk-full test) makes its next
     checkpoint write fail for real (EFBIG); rank 0 says so in one line and the whole job ends, promptly."""
     run = tmp_path / "run"
-    job = start_torchrun("train", text, *LONG, "--run-dir", run)
+    job, pids = start_torchrun("train", text, *LONG, "--run-dir", run), {}
     try:
         first = wait_for_checkpoint(run, job)
-        rank0 = worker_pid(job, 0)
-        resource.prlimit(rank0, resource.RLIMIT_FSIZE, (first.stat().st_size // 2, resource.RLIM_INFINITY))
-        took, err = finish(job, 60)
+        pids = workers(job)
+        resource.prlimit(pids[0], resource.RLIMIT_FSIZE, (first.stat().st_size // 2, resource.RLIM_INFINITY))
+        took, err = finish(job, pids, 60)
     finally:
-        stop(job)
+        if job.poll() is None:  # the test failed with the job still running (torchrun outlives its workers)
+            stop(job, pids or workers(job))
     assert job.returncode != 0
     lines = charrnn_errors(err)
     disk = [l for l in lines if "could not write checkpoint" in l]
@@ -116,13 +122,15 @@ def test_killed_rank_ends_the_job_with_one_line_from_rank_0(text, tmp_path):
     """SIGKILL on rank 1 mid-run: rank 0 notices (its next collective fails), says so in one line with
     the resume command, and the whole job ends promptly instead of waiting for a peer that is gone."""
     run = tmp_path / "run"
-    job = start_torchrun("train", text, *LONG, "--run-dir", run)
+    job, pids = start_torchrun("train", text, *LONG, "--run-dir", run), {}
     try:
         wait_for_checkpoint(run, job)
-        os.kill(worker_pid(job, 1), signal.SIGKILL)
-        took, err = finish(job, 60)
+        pids = workers(job)
+        os.kill(pids[1], signal.SIGKILL)
+        took, err = finish(job, pids, 60)
     finally:
-        stop(job)
+        if job.poll() is None:  # the test failed with the job still running (torchrun outlives its workers)
+            stop(job, pids or workers(job))
     assert job.returncode != 0
     lines = charrnn_errors(err)
     assert len(lines) == 1, err[-3000:]
