@@ -79,7 +79,7 @@ class Dist:
             first = first.split("] ", 1)[-1].split(". This is typically")[0]  # drop gloo's source path and advice
             raise DistributedError(
                 f"process {self.rank} of {self.world} lost contact with the other processes of this torchrun job "
-                f"({first.strip()}): one of them failed or was stopped, see its message"
+                f"({first.strip()}): one of them failed or was killed, see its message or torchrun's report"
             ) from None
 
     def device(self, device: torch.device) -> torch.device:
