@@ -70,7 +70,7 @@ class Dist:
         """Run collectives; a rank that died or stopped answering becomes one DistributedError line."""
         try:
             yield
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError too, but this rank's own problem
             raise
         except RuntimeError as e:  # gloo and NCCL report a lost peer as a plain RuntimeError
             if not self.enabled:
