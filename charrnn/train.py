@@ -24,7 +24,7 @@ from charrnn import checkpoint as ckpt_mod
 from charrnn.config import DEFAULT_TIME_S, TrainConfig, resolve, validate
 from charrnn.data import StreamBatcher, Vocab, load_corpus, split
 from charrnn.distributed import Dist, broadcast_object
-from charrnn.errors import CheckpointError, TrainingDiverged, UsageError
+from charrnn.errors import CheckpointError, DistributedError, TrainingDiverged, UsageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.objective import LanguageModelObjective
 
@@ -201,7 +201,8 @@ class Trainer:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            with self.dist.guard():  # DDP starts by sending rank 0's weights to every process
+                self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         self.amp_dtype = autocast_dtype(device)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
@@ -278,7 +279,7 @@ class Trainer:
         if cfg.eval_every is None and state.time_budget_s is None:
             cfg.eval_every = max(1, min(1000, state.total_steps // 10))
         run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(home), corpus, cfg)
-        run_dir = broadcast_object(dist, run_dir)  # every process writes (through rank 0) to one folder
+        run_dir = Path(broadcast_object(dist, str(run_dir)))  # every process writes (through rank 0) to one folder
         if dist.main:
             _check_writable(run_dir)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
@@ -516,11 +517,12 @@ class Trainer:
             self.carry = self.objective.before_step(st.step, self.carry)
             loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(objective).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            objective.backward()
+        with self.dist.guard():  # under torchrun, DDP averages the gradients over the processes here
+            if self.scaler is not None:
+                self.scaler.scale(objective).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                objective.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -574,12 +576,22 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
                 pass
+        ok = False
         try:
-            return self._run()
+            result = self._run()
+            ok = True
+            return result
+        except DistributedError as e:  # another process failed: say how to go on from what is saved
+            raise DistributedError(f"{e}; {self._resume_hint()}") from None
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            self.dist.close()
+            self.dist.close(ok)
+
+    def _resume_hint(self) -> str:
+        if ckpt_mod.list_checkpoints(self.run_dir):
+            return f"the checkpoints saved so far are kept; continue with 'charrnn train --resume {self.run_dir}'"
+        return "no checkpoint was saved yet; start the run again"
 
     def _run(self) -> dict:
         cfg, st = self.cfg, self.state
