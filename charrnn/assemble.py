@@ -116,7 +116,7 @@ def _assemble(cfg: TrainConfig, corpus: list[Path], vocab: Vocab, train_data: to
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     precision = Precision(device)
     rows = dist.shard(cfg.batch_size)
-    folder = RunFolder(broadcast_object(dist, run_dir), main=dist.main)  # every process, one folder
+    folder = RunFolder(Path(broadcast_object(dist, str(run_dir))), main=dist.main)  # every process, one folder
     if saved is None:
         carry = model.init_state(rows.stop - rows.start, device)
         folder.create()

@@ -512,11 +512,6 @@ def main() -> None:
     """Run the app; a usage error (bad option, bad value) is one plain line and exit code 2."""
     global _OWN_PROCESS
     _OWN_PROCESS = True
-    import warnings
-
-    # torch warns at import, in two lines on stderr, when NumPy is absent; charrnn never uses NumPy,
-    # and the warning would sit above every one-line error (and every run) on a machine without it
-    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     try:
         code = app(standalone_mode=False)
     except Exception as e:  # the parser's own errors carry a message and an exit code

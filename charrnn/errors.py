@@ -30,3 +30,7 @@ class TrainingDiverged(CharRNNError):
 
 class DownloadError(CharRNNError):
     """A corpus that could not be fetched or did not match its catalogued checksum."""
+
+
+class DistributedError(CharRNNError):
+    """Another process of a torchrun job failed, was killed or stopped answering."""

@@ -83,6 +83,12 @@ class RunFolder:
             ) from None
         self.metrics.unlink(missing_ok=True)
 
+    def resume_hint(self) -> str:
+        """How to go on after a failure, from what is saved."""
+        if ckpt_mod.list_checkpoints(self.path):
+            return f"the checkpoints saved so far are kept; continue with 'charrnn train --resume {self.path}'"
+        return "no checkpoint was saved yet; start the run again"
+
     def checkpoint_path(self, step: int) -> Path:
         return self.path / ckpt_mod.ckpt_name(step)
 

@@ -20,7 +20,8 @@ from charrnn import checkpoint as ckpt_mod
 from charrnn.assemble import Parts, new_run, payload, resumed_run
 from charrnn.config import TrainConfig
 from charrnn.data import StreamBatcher
-from charrnn.device import autocast_dtype, pick_device  # noqa: F401 (the CLI and bench import them from here)
+from charrnn.device import autocast_dtype, pick_device  # noqa: F401 (the CLI imports them from here)
+from charrnn.errors import DistributedError
 from charrnn.evaluation import evaluate
 from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
 from charrnn.recovery import Recovery, judge
@@ -73,7 +74,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.model, device_ids=ids)
+            with self.dist.guard():  # DDP starts by sending rank 0's weights to every process
+                self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.recovery = Recovery(self.cfg, self.model, self.optimizer, self.state)
         self._stop_signal: int | None = None
         self._last_saved_step = self.state.step if p.evaluated else None  # evaluated and saved: the end need not redo it
@@ -104,12 +106,17 @@ class Trainer:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
                 pass
+        ok = False
         try:
-            return asdict(self._run())
+            end = self._run()
+            ok = True
+            return asdict(end)
+        except DistributedError as e:  # another process failed: say how to go on from what is saved
+            raise DistributedError(f"{e}; {self.folder.resume_hint()}") from None
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-            self.dist.close()
+            self.dist.close(ok)
 
     def _run(self) -> EndEvent:
         st = self.state
@@ -182,7 +189,8 @@ class Trainer:
             self.carry = self.objective.before_step(st.step, self.carry)
             loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(objective, self.optimizer)
+        with self.dist.guard():  # under torchrun, DDP averages the gradients over the processes here
+            self.precision.backward(objective, self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         loss_v, norm_v = loss.item(), norm.item()
