@@ -105,10 +105,10 @@ def _being_written(path: Path) -> bool:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:  # a shared lock: it conflicts with the writer's all the same, and NFS allows it on a read-only fd
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
-    except BlockingIOError:
+    except OSError:  # held (or the file system cannot say): keep the file
         return True
     finally:
         os.close(fd)

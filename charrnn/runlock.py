@@ -18,6 +18,7 @@ from pathlib import Path
 from charrnn.errors import CheckpointError
 
 LOCK_NAME = ".lock"
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}  # what flock says where a file system has no locks
 
 
 def _when(t: float) -> str:
@@ -48,6 +49,7 @@ class RunLock:
     def __init__(self, run_dir: Path, command: str = "train"):
         self.run_dir, self.command = Path(run_dir), command
         self.fd: int | None = None
+        self.supported = True  # False on a file system without file locks (some FUSE and NFS set-ups)
 
     def try_acquire(self) -> str | None:
         """Take the lock; None when taken, else who holds it (one line). Creates the folder if needed."""
@@ -68,6 +70,11 @@ class RunLock:
             holder = _describe(self.run_dir, fd)
             os.close(fd)
             return holder
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                os.close(fd)
+                raise
+            self.supported = False  # go on unguarded rather than refuse to train at all
         if writable:
             meta = {"pid": os.getpid(), "started": time.time(), "command": self.command, "host": socket.gethostname()}
             try:
@@ -103,7 +110,10 @@ class RunLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:
+            pass  # at interpreter shutdown: the process's end drops the lock anyway
 
 
 def holder(run_dir: Path) -> str | None:
@@ -118,6 +128,8 @@ def holder(run_dir: Path) -> str | None:
         return None
     except BlockingIOError:
         return _describe(Path(run_dir), fd)
+    except OSError:
+        return None  # a file system without locks: the real acquire will say
     finally:
         os.close(fd)  # also drops the shared lock just taken
 

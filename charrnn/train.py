@@ -13,6 +13,7 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -172,7 +173,7 @@ def default_run_dir(home: Path, corpus: list[Path], cfg: TrainConfig) -> Path:
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"  # one per thread that starts a run
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -341,7 +342,7 @@ class Trainer:
                     _remove_empty(run_dir)
                 lock.release()
             raise
-        trainer._lock = lock
+        trainer._take_lock(lock)
         return trainer
 
     @classmethod
@@ -362,7 +363,7 @@ class Trainer:
             if lock is not None:
                 lock.release()
             raise
-        trainer._lock = lock
+        trainer._take_lock(lock)
         return trainer
 
     @classmethod
@@ -432,6 +433,13 @@ class Trainer:
         if ck.get("val_loss") is not None:
             trainer._last_saved_step = st.step  # already evaluated and saved: the end need not redo it
         return trainer
+
+    def _take_lock(self, lock: RunLock | None) -> None:
+        """Hold the run folder's lock until run() ends (rank 0; other ranks write nothing)."""
+        self._lock = lock
+        if lock is not None and not lock.supported:
+            self.callback("warn", {"message": f"the file system of {self.run_dir} has no file locks: nothing stops "
+                                              "a second process from writing to this run at the same time"})
 
     def _attach_binding(self) -> None:
         """Install the sentiment binding when the run asks for it (TrainConfig.sentiment_unit)."""
