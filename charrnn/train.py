@@ -7,11 +7,13 @@ Events: "start", "step", "eval", "save", "warn", "end".
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import os
 import re
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,11 +24,12 @@ import torch
 
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import DEFAULT_TIME_S, TrainConfig, resolve, validate
-from charrnn.data import StreamBatcher, Vocab, load_corpus, split
+from charrnn.data import Encoded, StreamBatcher, Vocab, encode, join_encoded, split
 from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, DistributedError, TrainingDiverged, UsageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.objective import LanguageModelObjective
+from charrnn.runlock import LOCK_NAME, RunLock, check_free
 
 Callback = Callable[[str, dict], None]
 LOG_EVERY = 10  # steps between "step" events and metrics lines
@@ -146,20 +149,32 @@ class RunState:
 
 
 def default_run_dir(home: Path, corpus: list[Path], cfg: TrainConfig) -> Path:
+    """A new, empty run folder under `home`, created here: CORPUS-CELL-LxH-DATE-TIME, or with -2, -3...
+
+    The folder is made with an exclusive mkdir, so runs started in the same second (the name's
+    resolution) each get their own folder: testing for a name and creating it later would let two
+    of them pick the same one.
+    """
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(corpus[0]).stem)[:40] or "corpus"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = home / f"{stem}-{cfg.cell}-{cfg.layers}x{cfg.hidden}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    _check_writable(home)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue  # taken, by an earlier run or one starting right now
+        except OSError as e:
+            raise CheckpointError(f"cannot create a run folder in {home}: {e.strerror or e}; "
+                                  "choose a writable folder with --run") from None
 
 
 def _check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"  # one per thread that starts a run
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
@@ -168,6 +183,28 @@ def _check_writable(folder: Path) -> None:
         raise CheckpointError(
             f"cannot write to {folder}: {why}; move it away or choose a writable folder with --run"
         ) from None
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    if any(run_dir.glob(ckpt_mod.CKPT_GLOB)):  # readable or not: never replaced
+        raise CheckpointError(
+            f"{run_dir} already holds a run; continue it with 'charrnn train --resume {run_dir}' "
+            "or choose another --run folder"
+        )
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (or already gone): leave it
+
+
+def _changed_files(parts: list[Encoded], recorded: list[str] | None) -> list[tuple[Path, str, str]]:
+    """(file, fingerprint then, fingerprint now) for each corpus file whose bytes changed since it was recorded."""
+    if not recorded or len(recorded) != len(parts):
+        return []  # a checkpoint from before fingerprints were kept
+    return [(e.path, then, e.sha256) for e, then in zip(parts, recorded) if then and then != e.sha256]
 
 
 def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
@@ -213,6 +250,8 @@ class Trainer:
         self._stop_signal: int | None = None
         self._good: dict | None = None
         self._last_saved_step: int | None = None
+        self.corpus_sha256: list[str] | None = None  # the corpus files' fingerprints, kept in checkpoints
+        self._lock: RunLock | None = None  # the run folder's lock (rank 0), held until run() ends
         hook = os.environ.get(TEST_NAN_ENV, "")
         self._nan_at = int(hook.rstrip("+")) if hook.rstrip("+").isdigit() else None
         self._nan_always = hook.endswith("+")
@@ -225,11 +264,9 @@ class Trainer:
             callback: Callback | None = None) -> "Trainer":
         validate(cfg)
         corpus = [Path(p) for p in corpus]
-        if run_dir is not None and any(Path(run_dir).glob(ckpt_mod.CKPT_GLOB)):  # readable or not: never replaced
-            raise CheckpointError(
-                f"{run_dir} already holds a run; continue it with 'charrnn train --resume {run_dir}' "
-                "or choose another --run folder"
-            )
+        if run_dir is not None:
+            check_free(run_dir)  # a live run there: say so before reading the corpus
+            _refuse_existing_run(Path(run_dir))
         init = None
         vocab = None
         if init_from is not None:
@@ -238,7 +275,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         try:
-            data, vocab = load_corpus(corpus, vocab=vocab, errors=cfg.encoding_errors)
+            parts = [encode(p, cfg.encoding_errors) for p in corpus]
+            data, vocab = join_encoded(parts, vocab)
         except Exception as e:
             if init is not None and "vocabulary lacks" in str(e):
                 raise CheckpointError(
@@ -278,19 +316,58 @@ class Trainer:
                 state.total_steps = DEFAULT_MAX_EPOCHS * batcher.batches_per_epoch
         if cfg.eval_every is None and state.time_budget_s is None:
             cfg.eval_every = max(1, min(1000, state.total_steps // 10))
-        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(home), corpus, cfg)
-        run_dir = Path(broadcast_object(dist, str(run_dir)))  # every process writes (through rank 0) to one folder
-        if dist.main:
+        named = run_dir is not None
+        if named:
+            run_dir = Path(run_dir)
+        elif dist.main:
+            run_dir = default_run_dir(Path(home), corpus, cfg)
+        run_dir = Path(broadcast_object(dist, str(run_dir) if run_dir is not None else None))  # every process writes (through rank 0) to one folder
+        lock = None
+        if dist.main:  # one writer per run folder: held from here until run() ends
             _check_writable(run_dir)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
-        trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, state, device, callback)
-        trainer._attach_objective(init.get("sentiment") if init is not None else None)
+            lock = RunLock(run_dir).acquire()
+        try:
+            if dist.main:
+                if named:
+                    _refuse_existing_run(run_dir)  # one may have started, saved and ended since the check above
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
+            trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, state, device, callback)
+            trainer.corpus_sha256 = [e.sha256 for e in parts]
+            trainer._attach_objective(init.get("sentiment") if init is not None else None)
+        except BaseException:
+            if lock is not None:
+                if not named:  # nobody else knows this new folder: leave no empty one behind
+                    (run_dir / LOCK_NAME).unlink(missing_ok=True)
+                    _remove_empty(run_dir)
+                lock.release()
+            raise
+        trainer._take_lock(lock)
         return trainer
 
     @classmethod
     def resume(cls, run_dir: Path, callback: Callback | None = None, threads: int | None = None,
-               device: str | None = None) -> "Trainer":
+               device: str | None = None, allow_changed_corpus: bool = False) -> "Trainer":
+        """Continue a run from its newest readable checkpoint, holding the run folder's lock until run() ends.
+
+        A corpus file whose bytes differ from those the run started on is refused (CheckpointError),
+        unless `allow_changed_corpus`; checkpoints written before fingerprints were kept are not checked.
+        """
         run_dir = Path(run_dir)
+        lock = None
+        if Dist.from_env().main and any(run_dir.glob(ckpt_mod.CKPT_GLOB)):  # not a run folder: _resume says so
+            lock = RunLock(run_dir).acquire()  # before anything in the folder is read for use or deleted
+        try:
+            trainer = cls._resume(run_dir, callback, threads, device, allow_changed_corpus)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        trainer._take_lock(lock)
+        return trainer
+
+    @classmethod
+    def _resume(cls, run_dir: Path, callback: Callback | None, threads: int | None, device: str | None,
+                allow_changed_corpus: bool) -> "Trainer":
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: no run folder at {run_dir}")
         infos = ckpt_mod.list_checkpoints(run_dir)
@@ -321,13 +398,26 @@ class Trainer:
             if not p.exists():
                 raise CheckpointError(f"cannot resume: the run's corpus file {p} is gone (put it back at that path)")
         vocab = Vocab(ck["vocab"])
-        data, _ = load_corpus(corpus, vocab=vocab, errors=cfg.encoding_errors)
+        parts = [encode(p, cfg.encoding_errors) for p in corpus]
+        changed = _changed_files(parts, ck["train"].get("corpus_sha256"))
+        if changed and not allow_changed_corpus:
+            p, then, now = changed[0]
+            raise CheckpointError(
+                f"cannot resume: the corpus file {p} changed since the run started (sha256 {then[:12]}... then, "
+                f"{now[:12]}... now); put the original back, or go on with its new text: "
+                f"'charrnn train --resume {run_dir} --allow-changed-corpus'"
+            )
+        data, _ = join_encoded(parts, vocab)
         train_data, val_data = split(data, cfg.val_frac)
         dev, dist = _setup_distributed(cfg)
         model = CharRNN(ModelConfig(**ck["model_config"])).to(dev)
         model.load_state_dict(ck["model"])
         st = RunState(**ck["train"]["state"])
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, st, dev, callback)
+        trainer.corpus_sha256 = [e.sha256 for e in parts]
+        for p, _, _ in changed:
+            trainer.callback("warn", {"message": f"{p} changed since the run started; going on with its new text "
+                                                 "(--allow-changed-corpus)"})
         trainer.optimizer.load_state_dict(ck["optimizer"])
         if trainer.scaler is not None and ck.get("scaler"):  # fp16: the loss scale it had reached, so resume is exact
             trainer.scaler.load_state_dict(ck["scaler"])
@@ -342,6 +432,13 @@ class Trainer:
         if ck.get("val_loss") is not None:
             trainer._last_saved_step = st.step  # already evaluated and saved: the end need not redo it
         return trainer
+
+    def _take_lock(self, lock: RunLock | None) -> None:
+        """Hold the run folder's lock until run() ends (rank 0; other ranks write nothing)."""
+        self._lock = lock
+        if lock is not None and not lock.supported:
+            self.callback("warn", {"message": f"the file system of {self.run_dir} has no file locks: nothing stops "
+                                              "a second process from writing to this run at the same time"})
 
     def _attach_objective(self, record: dict | None) -> None:
         """The run's objective: bound when it asks for it (SentimentConfig.unit), else the plain one.
@@ -376,6 +473,7 @@ class Trainer:
             "train": {
                 "config": self.cfg.to_dict(),
                 "corpus": [str(p.resolve()) for p in self.corpus],
+                "corpus_sha256": self.corpus_sha256,  # resume refuses a changed corpus
                 "state": state,
                 "step": self.state.step,
                 "carry": tuple(s.detach().cpu() for s in self._full_carry),
@@ -587,6 +685,8 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self.dist.close(ok)
+            if self._lock is not None:
+                self._lock.release()  # the last save is on disk: another process may take the run
 
     def _resume_hint(self) -> str:
         if ckpt_mod.list_checkpoints(self.run_dir):
