@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from charrnn import __version__
+from charrnn.cli_cache import cache_app
 from charrnn.cli_corpus import corpus_app
 from charrnn.cli_errors import handle_errors
 from charrnn.cli_neuron import StateKind, neuron_app
@@ -30,6 +31,7 @@ app = typer.Typer(
 checkpoints_app = typer.Typer(help="List, inspect and prune runs and their checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
+app.add_typer(cache_app, name="cache")
 app.add_typer(neuron_app, name="neuron")
 
 HOME = Path("checkpoints")
@@ -101,6 +103,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many evaluations without a better validation loss; 0 = never \\[default: 5 for a time budget, 0 with --steps/--epochs].", show_default=False)] = None,
     run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run folder (--run-dir is the same; use it under torchrun, whose parser takes --run for its own --run-path) \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder exactly where it stopped.")] = None,
+    allow_changed_corpus: Annotated[bool, typer.Option("--allow-changed-corpus", help="With --resume: go on although a corpus file's content changed since the run started.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from this checkpoint's weights.")] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
@@ -123,8 +126,11 @@ def train(
         if corpus:
             raise UsageError("--resume continues a run on its own corpus; leave out the CORPUS argument")
         trainer = Trainer.resume(resume, callback=display, threads=threads,
-                                 device=device.value if device != Device.auto else None)
+                                 device=device.value if device != Device.auto else None,
+                                 allow_changed_corpus=allow_changed_corpus)
     else:
+        if allow_changed_corpus:
+            raise UsageError("--allow-changed-corpus goes with --resume RUN_DIR")
         if not corpus:
             raise UsageError("name a corpus file to train on (or --resume RUN_DIR)")
         from charrnn.corpora import expand_corpus_args
@@ -423,23 +429,36 @@ def checkpoints_prune(
     keep: Annotated[int, typer.Option(min=1, help="Newest checkpoints kept per run, besides the best.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
 ):
-    """Delete all but the best and the newest --keep checkpoints of every run."""
+    """Delete all but the best and the newest --keep checkpoints of every run (a run being trained is left alone)."""
     from charrnn import checkpoint as ckm
     from charrnn import ui
     from charrnn.errors import CheckpointError
+    from charrnn.runlock import RunLock, holder
 
     if not dir.is_dir():
         raise CheckpointError(f"no folder {dir.resolve()}")
     runs = [dir] if ckm.is_run_dir(dir) else ckm.list_runs(dir)
-    freed, count = 0, 0
+    freed, count, done = 0, 0, 0
     for run_dir in runs:
-        removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+        lock = RunLock(run_dir, "checkpoints prune")
+        try:  # the run's lock while pruning it, so no training starts or saves meanwhile
+            busy = holder(run_dir) if dry_run else lock.try_acquire()
+        except OSError:
+            busy = None  # a read-only folder: nothing can train there; rotate says what it cannot delete
+        if busy is not None:
+            ui.info(f"skipped: {busy}; prune it when that ends")
+            continue
+        try:
+            removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+            if not dry_run:
+                ckm.clean_temp_files(run_dir)
+        finally:
+            lock.release()
         freed += sum(i.size for i in removed)
         count += len(removed)
-        if not dry_run:
-            ckm.clean_temp_files(run_dir)
+        done += 1
     verb = "would delete" if dry_run else "deleted"
-    ui.info(f"{verb} {count} checkpoint(s) in {len(runs)} run(s), {ui.fmt_size(freed)}")
+    ui.info(f"{verb} {count} checkpoint(s) in {done} run(s), {ui.fmt_size(freed)}")
 
 
 # ---------------------------------------------------------------- bench

@@ -5,30 +5,61 @@ Only the main process writes; the others hold a RunFolder with main=False, whose
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
+import threading
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import TrainConfig
+from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError
 from charrnn.events import SaveEvent
+from charrnn.runlock import LOCK_NAME, RunLock
 
 METRICS = "metrics.jsonl"  # one JSON record per line: training steps and evaluations
 
 
 def default_run_dir(home: Path, corpus: list[Path], cfg: TrainConfig) -> Path:
+    """A new, empty run folder under `home`, created here: CORPUS-CELL-LxH-DATE-TIME, or with -2, -3...
+
+    The folder is made with an exclusive mkdir, so runs started in the same second (the name's
+    resolution) each get their own folder: testing for a name and creating it later would let two
+    of them pick the same one.
+    """
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(corpus[0]).stem)[:40] or "corpus"
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = home / f"{stem}-{cfg.cell}-{cfg.layers}x{cfg.hidden}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
+    check_writable(home)
+    for n in itertools.count(1):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue  # taken, by an earlier run or one starting right now
+        except OSError as e:
+            raise CheckpointError(f"cannot create a run folder in {home}: {e.strerror or e}; "
+                                  "choose a writable folder with --run") from None
+
+
+def check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}-{threading.get_ident()}"  # one per thread that starts a run
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
+        raise CheckpointError(
+            f"cannot write to {folder}: {why}; move it away or choose a writable folder with --run"
+        ) from None
 
 
 def refuse_existing_run(run_dir: Path) -> None:
@@ -65,23 +96,57 @@ class RunFolder:
     def __init__(self, path: Path, main: bool = True):
         self.path, self.main = path, main
         self.metrics = path / METRICS
+        self.lock: RunLock | None = None  # held (on the main process) from the claim until the run ends
 
-    def create(self) -> None:
-        """For a new run: the folder, writable, without a metrics log left by an earlier start killed before its first save."""
-        if not self.main:
-            return
+    @classmethod
+    def claim_new(cls, run_dir: Path | None, make_default: Callable[[], Path], dist: Dist) -> "RunFolder":
+        """A new run's folder (`run_dir`, or one the main process makes), locked and without a metrics
+        log left by an earlier start killed before its first save; every process gets the same path."""
+        path = Path(run_dir) if run_dir is not None else make_default() if dist.main else None
+        folder = cls(Path(broadcast_object(dist, str(path) if path is not None else None)), main=dist.main)
+        if folder.main:
+            check_writable(folder.path)
+            folder.lock = RunLock(folder.path).acquire()
+            with folder.released_on_error(remove=run_dir is None):
+                if run_dir is not None:
+                    refuse_existing_run(folder.path)  # one may have started, saved and ended since the first check
+                folder.metrics.unlink(missing_ok=True)
+        return folder
+
+    @classmethod
+    def claim_existing(cls, run_dir: Path, main: bool) -> "RunFolder":
+        """A run's folder to resume, locked before anything in it is read for use or deleted."""
+        folder = cls(Path(run_dir), main=main)
+        if main and any(folder.path.glob(ckpt_mod.CKPT_GLOB)):  # not a run folder: newest_checkpoint says so
+            folder.lock = RunLock(folder.path).acquire()
+        return folder
+
+    @property
+    def locks_supported(self) -> bool:
+        return self.lock is None or self.lock.supported
+
+    @contextmanager
+    def released_on_error(self, remove: bool = False):
+        """Let go of the lock when what follows fails; `remove`: also the folder, if still empty (one
+        this run made, that nobody else knows)."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as e:
-            blocker = next((p for p in [self.path, *self.path.parents] if p.exists() and not p.is_dir()), None)
-            why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
-            raise CheckpointError(
-                f"cannot write to {self.path}: {why}; move it away or choose a writable folder with --run"
-            ) from None
-        self.metrics.unlink(missing_ok=True)
+            yield
+        except BaseException:
+            if self.lock is not None:
+                if remove:
+                    (self.path / LOCK_NAME).unlink(missing_ok=True)
+                    try:
+                        self.path.rmdir()
+                    except OSError:
+                        pass  # not empty (or already gone): leave it
+                self.release()
+            raise
+
+    def release(self) -> None:
+        """The last save is on disk: another process may take the run."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def resume_hint(self) -> str:
         """How to go on after a failure, from what is saved."""

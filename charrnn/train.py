@@ -21,6 +21,7 @@ from charrnn.assemble import Parts, new_run, payload, resumed_run
 from charrnn.config import TrainConfig
 from charrnn.data import StreamBatcher
 from charrnn.device import autocast_dtype, pick_device  # noqa: F401 (the CLI imports them from here)
+from charrnn.distributed import Dist
 from charrnn.errors import DistributedError
 from charrnn.evaluation import evaluate
 from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
@@ -38,6 +39,11 @@ def lr_at(step: int, total: int, cfg: TrainConfig, scale: float = 1.0) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     floor = peak * cfg.min_lr_frac
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _receiver(callback: TrainEvents | None) -> TrainEvents:
+    """Only the main process reports (the others' events would repeat its own)."""
+    return (callback or TrainEvents()) if Dist.from_env().main else TrainEvents()
 
 
 class _Session:
@@ -66,16 +72,10 @@ class Trainer:
         self.train_data, self.val_data, self.folder, self.run_dir = p.train_data, p.val_data, p.folder, p.folder.path
         self.device, self.dist, self.model, self.optimizer, self.precision = p.device, p.dist, p.model, p.optimizer, p.precision
         self.rows, self.carry, self.objective = p.rows, p.carry, p.objective  # objective: see charrnn/objective.py
-        self.events = (callback or TrainEvents()) if self.dist.main else TrainEvents()
+        self.net, self.corpus_sha256 = p.net, p.corpus_sha256  # net: the model, or its DDP wrapper
+        self.events = _receiver(callback)
         self.batcher = StreamBatcher(self.train_data, self.cfg.batch_size, self.cfg.seq_len)
         self.local_batch = self.rows.stop - self.rows.start
-        self.net = self.model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            with self.dist.guard():  # DDP starts by sending rank 0's weights to every process
-                self.net = DistributedDataParallel(self.model, device_ids=ids)
         self.recovery = Recovery(self.cfg, self.model, self.optimizer, self.state)
         self._stop_signal: int | None = None
         self._last_saved_step = self.state.step if p.evaluated else None  # evaluated and saved: the end need not redo it
@@ -85,12 +85,13 @@ class Trainer:
     def new(cls, corpus: list[Path], cfg: TrainConfig, run_dir: Path | None = None,
             init_from: Path | None = None, home: Path = ckpt_mod.DEFAULT_HOME,
             callback: TrainEvents | None = None) -> "Trainer":
-        return cls(new_run(corpus, cfg, run_dir, init_from, home), callback)
+        return cls(new_run(corpus, cfg, run_dir, init_from, home, _receiver(callback)), callback)
 
     @classmethod
     def resume(cls, run_dir: Path, callback: TrainEvents | None = None, threads: int | None = None,
-               device: str | None = None) -> "Trainer":
-        return cls(resumed_run(run_dir, threads, device), callback)
+               device: str | None = None, allow_changed_corpus: bool = False) -> "Trainer":
+        """Continue a run from its newest readable checkpoint (see assemble.resumed_run)."""
+        return cls(resumed_run(run_dir, threads, device, allow_changed_corpus, _receiver(callback)), callback)
 
     # ------------------------------------------------------------ the loop
 
@@ -117,6 +118,7 @@ class Trainer:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self.dist.close(ok)
+            self.folder.release()  # the run folder's lock, held since the run was built
 
     def _run(self) -> EndEvent:
         st = self.state

@@ -327,3 +327,27 @@ def unit_text(text: str, colors: list[tuple[int, int, int]], legend: str) -> Non
     console = err if err.is_terminal else Console(stderr=True, width=160, no_color=True)
     console.print(out, soft_wrap=True)
     info(legend)
+
+
+def fmt_age(t: float) -> str:
+    """How long ago a moment was: '3 min ago', '2 h ago', '5 days ago'."""
+    import time
+
+    s = max(0.0, time.time() - t)
+    if s < 3600:
+        return f"{int(s // 60)} min ago"
+    return f"{int(s // 3600)} h ago" if s < 86400 else f"{int(s // 86400)} days ago"
+
+
+def cache_table(title: str, rows: list[dict]) -> None:
+    """The encoded-corpus cache: one row per cached file."""
+    t = Table(title=f"corpus cache: {title}", title_justify="left")
+    for col, just in (("from file", "left"), ("characters", "right"), ("vocab", "right"), ("disk", "right"),
+                      ("last used", "left")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        old = "" if r["current"] else " (older charrnn; not used)"
+        t.add_row(r["source"] + old, "-" if r["chars"] is None else f"{r['chars']:,}",
+                  "-" if r["vocab_size"] is None else str(r["vocab_size"]), fmt_size(r["bytes"]),
+                  fmt_age(r["last_used"]))
+    _print_table(t)

@@ -237,7 +237,9 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
     newest = run / ckm.ckpt_name(24)
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk after the fact
     ckm.sidecar(newest).unlink()
-    (run / ".step_00000032.pt.tmp999").write_bytes(b"half a save")
+    killed = subprocess.Popen(["true"])
+    killed.wait()  # a writer that is gone: the sweep keeps the files of live ones
+    (run / f".step_00000032.pt.tmp{killed.pid}").write_bytes(b"half a save")
     (run / "step_00000004.json").write_text("{}")  # a killed rotation deleted the checkpoint, not its sidecar
     r = cli("train", "--resume", run, "-q")
     assert r.exit_code == 0, r.output
