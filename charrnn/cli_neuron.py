@@ -58,8 +58,8 @@ def find(
     from charrnn import ui
 
     t0 = time.perf_counter()
-    path = ckm.resolve(checkpoint)
-    model, vocab, ck = ckm.load_model(path)
+    model, vocab, ck = ckm.load_model(checkpoint, on_warn=ui.warn)
+    path = Path(ck["path"])
     names = sm.state_names(model)
     which = state.value if state else sm.default_state(model)
     if which not in names:
@@ -130,7 +130,7 @@ def show(
         from charrnn.data import iter_text
 
         text = "".join(iter_text(file))
-    model, vocab, ck = ckm.load_model(checkpoint)
+    model, vocab, ck = ckm.load_model(checkpoint, on_warn=ui.warn)
     rec = None
     if neuron is None:
         rec = sm.get_record(ck)

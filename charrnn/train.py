@@ -182,6 +182,23 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     return device, dist
 
 
+def _check_resumable(ck: dict, path: Path) -> None:
+    """One line, not a KeyError or TypeError, when a checkpoint lacks what resuming needs."""
+    ckpt_mod.check_payload(ck, path, train=True)
+    for key in ("optimizer", "rng"):
+        if not isinstance(ck.get(key), dict):
+            raise CheckpointError(f"cannot resume from {path}: it lacks '{key}'; start a new run from its weights "
+                                  f"with 'charrnn train CORPUS --init-from {path}'")
+    tr = ck["train"]
+    if not isinstance(tr.get("carry"), (tuple, list)) or not isinstance(ck["rng"].get("torch"), torch.Tensor):
+        raise CheckpointError(f"cannot resume from {path}: it lacks its carried state or RNG state; start a new run "
+                              f"from its weights with 'charrnn train CORPUS --init-from {path}'")
+    unknown = sorted(set(tr["state"]) - set(RunState.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"cannot resume from {path}: its run state has fields this charrnn does not know "
+                              f"({', '.join(map(str, unknown))}); resume it with the charrnn version that wrote it")
+
+
 class Trainer:
     """One training run. Build it with `Trainer.new`, `Trainer.resume`; then call `run()`."""
 
@@ -225,7 +242,7 @@ class Trainer:
             callback: Callback | None = None) -> "Trainer":
         validate(cfg)
         corpus = [Path(p) for p in corpus]
-        if run_dir is not None and any(Path(run_dir).glob(ckpt_mod.CKPT_GLOB)):  # readable or not: never replaced
+        if run_dir is not None and ckpt_mod.holds_checkpoints(run_dir):  # readable or not: never replaced
             raise CheckpointError(
                 f"{run_dir} already holds a run; continue it with 'charrnn train --resume {run_dir}' "
                 "or choose another --run folder"
@@ -233,7 +250,9 @@ class Trainer:
         init = None
         vocab = None
         if init_from is not None:
-            init = ckpt_mod.load(ckpt_mod.resolve(Path(init_from)))
+            warn = lambda m: (callback or _noop)("warn", {"message": m})
+            init_path, init = ckpt_mod.open_checkpoint(Path(init_from), home, on_warn=warn)
+            ckpt_mod.check_payload(init, init_path)
             vocab = Vocab(init["vocab"])
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -263,7 +282,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         model = CharRNN(ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)).to(device)
         if init is not None:
-            model.load_state_dict(init["model"])
+            ckpt_mod.load_weights(model, init, init_path)
         state = RunState(time_budget_s=budget)
         batcher = StreamBatcher(train_data, cfg.batch_size, cfg.seq_len)
         if cfg.steps is not None:
@@ -294,7 +313,8 @@ class Trainer:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: no run folder at {run_dir}")
-        infos = ckpt_mod.list_checkpoints(run_dir)
+        warn = lambda m: (callback or _noop)("warn", {"message": m})
+        infos = ckpt_mod.list_checkpoints(run_dir, on_warn=warn)
         if not infos:
             raise CheckpointError(
                 f"cannot resume: no checkpoints in {run_dir} (not a run folder, or the run stopped before its first save); "
@@ -302,14 +322,17 @@ class Trainer:
             )
         ckpt_mod.clean_temp_files(run_dir)
         ck = None
-        for info in reversed(infos):  # the newest readable checkpoint
+        for info in reversed(infos):  # the newest readable checkpoint; a damaged one is set aside
             try:
                 ck = ckpt_mod.load(info.path)
                 break
+            except ckpt_mod.CheckpointDamaged as e:
+                ckpt_mod.set_aside(info.path, e.why, warn)
             except CheckpointError:
                 continue
         if ck is None:
             raise CheckpointError(f"cannot resume: no readable checkpoint in {run_dir}")
+        _check_resumable(ck, info.path)
         cfg = TrainConfig.from_dict(ck["train"]["config"])
         if threads:
             cfg.threads = threads
@@ -325,11 +348,14 @@ class Trainer:
         data, _ = load_corpus(corpus, vocab=vocab, errors=cfg.encoding_errors)
         train_data, val_data = split(data, cfg.val_frac)
         dev, dist = _setup_distributed(cfg)
-        model = CharRNN(ModelConfig(**ck["model_config"])).to(dev)
-        model.load_state_dict(ck["model"])
+        model = ckpt_mod.build_model(ck, info.path).to(dev)
         st = RunState(**ck["train"]["state"])
         trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, st, dev, callback)
-        trainer.optimizer.load_state_dict(ck["optimizer"])
+        try:
+            trainer.optimizer.load_state_dict(ck["optimizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume: the optimiser state in {info.path} does not fit its model "
+                                  f"({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
         # the carried state of all B streams; this process takes its rows (the process count may differ)
         trainer.carry = tuple(s[:, trainer.rows].contiguous().to(dev) for s in ck["train"]["carry"])
         torch.set_rng_state(ck["rng"]["torch"])
@@ -385,22 +411,29 @@ class Trainer:
         self._full_carry = self.dist.gather_rows(self.carry)  # collective: every process takes part
         if not self.dist.main:
             return path
-        if path.exists():
-            try:
-                old = ckpt_mod.info(path)
+        warn = lambda m: self.callback("warn", {"message": m})
+        older = ckpt_mod.step_paths(self.run_dir, self.state.step)  # this step, either format
+        for old_path in older:
+            try:  # the file's own content decides, not its sidecar: a damaged one is redone
+                old = ckpt_mod.verify(old_path)
                 if old.val_loss is not None or val_loss is None:
-                    return path
+                    return old_path
+            except ckpt_mod.CheckpointDamaged as e:
+                ckpt_mod.set_aside(old_path, e.why, warn)
             except CheckpointError:
-                pass  # unreadable: replace it
+                pass  # unreadable here: replace it
         try:
             size = ckpt_mod.save(path, self.payload(val_loss))
         except CheckpointError as e:
             raise CheckpointError(f"{e}; then continue with 'charrnn train --resume {self.run_dir}'") from None
         mc = self.model.config
         try:
+            for old_path in older:  # a .pt of this step, now replaced
+                if old_path != path:
+                    old_path.unlink(missing_ok=True)
             ckpt_mod.write_sidecar(path, self.state.step, val_loss,
                                    {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden})
-            removed = ckpt_mod.rotate(self.run_dir, self.cfg.keep)
+            removed = ckpt_mod.rotate(self.run_dir, self.cfg.keep, on_warn=warn)
         except OSError as e:
             raise CheckpointError(
                 f"saved {path} but could not update {self.run_dir}: {e.strerror or e}; free some disk space, "

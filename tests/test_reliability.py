@@ -149,7 +149,7 @@ def test_sigkill_sigint_sigterm_lose_nothing_and_resume_exactly(tmp_path):
         if not finished and moment == "random":
             time.sleep(rng.uniform(0.0, 0.5))
         elif not finished and moment == "save":
-            wait_for(lambda: list(run.glob(".step_*.pt.tmp*")), proc, poll=0.0002)
+            wait_for(lambda: list(run.glob(".step_*.tmp*")), proc, poll=0.0002)
         if proc.poll() is not None:  # it finished before this moment came
             assert proc.wait() == 0, proc.stderr.read()
             finished = True
@@ -170,7 +170,7 @@ def test_sigkill_sigint_sigterm_lose_nothing_and_resume_exactly(tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.communicate(timeout=60)
             kills += 1
-            during_save += bool(list(run.glob(".step_*.pt.tmp*")))
+            during_save += bool(list(run.glob(".step_*.tmp*")))
         files_checked += check_all_load(run)
         # nothing lost: the newest checkpoint never goes back, and at most one save interval is redone
         assert newest_step(run) >= prev_newest
@@ -204,7 +204,7 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
     newest = run / ckm.ckpt_name(24)
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk after the fact
     ckm.sidecar(newest).unlink()
-    (run / ".step_00000032.pt.tmp999").write_bytes(b"half a save")
+    (run / f".{ckm.ckpt_name(32)}.tmp999").write_bytes(b"half a save")
     (run / "step_00000004.json").write_text("{}")  # a killed rotation deleted the checkpoint, not its sidecar
     r = cli("train", "--resume", run, "-q")
     assert r.exit_code == 0, r.output
@@ -336,7 +336,7 @@ def test_nan_that_keeps_coming_back_stops_with_good_checkpoint(tmp_path, corpus)
             env={"CHARRNN_TEST_NAN_AT": "25+"})
     assert r.exit_code == 1
     line = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(line) == 1 and "training diverged" in line[0] and "step_00000020.pt" in line[0], r.stderr
+    assert len(line) == 1 and "training diverged" in line[0] and ckm.ckpt_name(20) in line[0], r.stderr
     assert r.stderr.count("rolled back to step 20") == 4
     assert check_all_load(run) >= 1 and newest_step(run) == 20
 
@@ -396,7 +396,7 @@ def test_hostile_and_broken_checkpoints_are_refused(tmp_path, trained, corpus):
         "empty.pt": ("", "not a charrnn checkpoint"),
         "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "truncated or damaged"),
         "foreign.pt": ({"model": torch.zeros(3)}, "no charrnn format marker"),
-        "future.pt": ({**torch.load(good, weights_only=True), "format_version": 99}, "format 99"),
+        "future.pt": ({**ckm.load(good), "format_version": 99}, "format 99"),
     }
     for name, (content, _) in files.items():
         path = tmp_path / name
