@@ -128,10 +128,10 @@ def pack(payload) -> tuple[object, dict[str, torch.Tensor]]:
 
     def walk(x, path: str):
         if isinstance(x, torch.Tensor):
-            key = path or "tensor"
+            key = path.lstrip("/") or "tensor"
             while key in tensors:  # two paths can only meet through odd dict keys ("a/b" and a -> b)
                 key += "'"
-            tensors[key] = x.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            tensors[key] = x.detach().to("cpu").contiguous()  # no copy when it is already so
             return {"$tensor": key}
         if x is None or isinstance(x, (bool, int, str)):
             return x
@@ -174,51 +174,62 @@ def unpack(skeleton, tensors: dict[str, torch.Tensor] | None, device: str | torc
 
 
 # ---------------------------------------------------------------- the safetensors container
+#
+# The container is written and read here, following the safetensors specification (8-byte little-endian
+# header length, JSON header with each tensor's dtype, shape and data offsets, then the data). The
+# reference package's own writer needs numpy, which charrnn does not; tests read these files back
+# with the reference reader. Reading parses JSON and copies bytes into tensors: nothing in a file runs.
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a contiguous CPU tensor (without numpy, which charrnn does not need)."""
+def _tensor_buffer(t: torch.Tensor):
+    """The bytes of a contiguous CPU tensor, without a copy; valid while `t` lives."""
     n = t.numel() * t.element_size()
-    return ctypes.string_at(t.data_ptr(), n) if n else b""
+    return (ctypes.c_ubyte * n).from_address(t.data_ptr()) if n else b""
 
 
-def _digest(header: dict, data) -> str:
+def _digest(header: dict, chunks) -> str:
     """sha256 of a file's whole content: its tensor table and metadata (less this digest), then its data."""
     table = dict(header)
     meta = dict(table.pop("__metadata__", None) or {})
     meta.pop("sha256", None)
     h = hashlib.sha256(json.dumps({**table, "__metadata__": meta}, sort_keys=True, separators=(",", ":")).encode())
-    h.update(data)
+    for chunk in chunks:
+        h.update(chunk)
     return h.hexdigest()
 
 
-def encode(payload: dict) -> bytes:
-    """A payload as safetensors bytes (see the module docstring), with the checksum `load` verifies."""
+def _encode_parts(payload: dict) -> tuple[list, dict]:
+    """(the file's pieces in order: header, then each tensor's bytes; the tensors those pieces point into)."""
     if sys.byteorder != "little":
         raise CheckpointError("charrnn writes checkpoints on little-endian machines only (safetensors stores little-endian)")
     skeleton, tensors = pack(payload)
-    # Larger elements first, so every tensor starts at a multiple of its element size (as safetensors writes them).
+    # Larger elements first, so that every tensor starts at a multiple of its element size.
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     table, chunks, offset = {}, [], 0
     for key in order:
         t = tensors[key]
         if t.dtype not in _DTYPES:
             raise TypeError(f"a checkpoint cannot hold a {t.dtype} tensor ({key})")
-        chunk = _tensor_bytes(t)
-        table[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(chunk)]}
-        chunks.append(chunk)
-        offset += len(chunk)
-    data = b"".join(chunks)
+        n = t.numel() * t.element_size()
+        table[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        chunks.append(_tensor_buffer(t))
+        offset += n
     meta = {"format": FORMAT, "payload": json.dumps(skeleton, allow_nan=False, separators=(",", ":"))}
     header = {**table, "__metadata__": meta}
-    meta["sha256"] = _digest(header, data)
+    meta["sha256"] = _digest(header, chunks)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-    return len(text).to_bytes(8, "little") + text + data
+    return [len(text).to_bytes(8, "little") + text, *chunks], tensors
 
 
-def _split(raw: bytes) -> tuple[dict, memoryview]:
-    """(header, data section) of safetensors bytes; ValueError with the reason when they are not that."""
+def encode(payload: dict) -> bytes:
+    """A payload as safetensors bytes (see the module docstring), with the checksum `load` verifies."""
+    parts, _tensors = _encode_parts(payload)
+    return b"".join(bytes(p) for p in parts)
+
+
+def _split(raw) -> tuple[dict, memoryview, int]:
+    """(header, data section, where the data starts) of safetensors bytes; ValueError when they are not that."""
     if len(raw) < 8:
         raise ValueError(f"only {len(raw)} bytes")
     n = int.from_bytes(raw[:8], "little")
@@ -230,7 +241,34 @@ def _split(raw: bytes) -> tuple[dict, memoryview]:
         raise ValueError("its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise ValueError("its header is not a JSON object")
-    return header, memoryview(raw)[8 + n :]
+    return header, memoryview(raw)[8 + n :], 8 + n
+
+
+_BY_NAME = {name: dtype for dtype, name in _DTYPES.items()}
+
+
+def _tensors(header: dict, raw: bytearray, start: int) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file read into `raw` (its data section at `start`), as views of it.
+
+    Views, not copies: loading costs one read of the file. The writer aligns every tensor; a file that
+    does not gets a copy of each misaligned tensor.
+    """
+    out = {}
+    for key, spec in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _BY_NAME[spec["dtype"]]
+        begin, end = spec["data_offsets"]
+        shape = [int(d) for d in spec["shape"]]
+        esize = torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(raw) - start or end - begin != math.prod(shape) * esize:
+            raise ValueError(f"the table's entry for {key} does not fit the data")
+        if begin == end:
+            out[key] = torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(raw, dtype=dtype, count=(end - begin) // esize, offset=start + begin).view(shape)
+        out[key] = t.clone() if t.data_ptr() % esize else t
+    return out
 
 
 def _damaged(path: Path, why: str) -> CheckpointDamaged:
@@ -239,9 +277,9 @@ def _damaged(path: Path, why: str) -> CheckpointDamaged:
         "which skips damaged checkpoints", why)
 
 
-def _decode_safetensors(path: Path, raw: bytes, device, with_tensors: bool) -> dict:
+def _decode_safetensors(path: Path, raw, device, with_tensors: bool) -> dict:
     try:
-        header, data = _split(raw)
+        header, data, start = _split(raw)
     except ValueError as e:
         raise _damaged(path, str(e)) from None
     meta = header.get("__metadata__")
@@ -250,7 +288,7 @@ def _decode_safetensors(path: Path, raw: bytes, device, with_tensors: bool) -> d
         if meta.get("format") == FORMAT:
             raise _damaged(path, "its checksum is missing")
         raise CheckpointError(f"{path} is not a charrnn checkpoint (a safetensors file without charrnn's format marker)")
-    if _digest(header, data) != meta["sha256"]:
+    if _digest(header, [data]) != meta["sha256"]:
         raise _damaged(path, "its content does not match the checksum saved with it")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a charrnn checkpoint (a safetensors file without charrnn's format marker)")
@@ -258,9 +296,7 @@ def _decode_safetensors(path: Path, raw: bytes, device, with_tensors: bool) -> d
         skeleton = json.loads(meta["payload"])
         if not with_tensors:
             return unpack(skeleton, None)
-        from safetensors.torch import load as load_tensors  # parses the tensor table; never unpickles
-
-        return unpack(skeleton, load_tensors(raw), device)
+        return unpack(skeleton, _tensors(header, raw, start), device)
     except Exception as e:  # the checksum matched, so the writer itself was not charrnn's
         raise CheckpointError(f"{path} is not a readable charrnn checkpoint ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
 
@@ -291,9 +327,12 @@ def _decode_legacy(path: Path, raw: bytes, device) -> dict:
         raise _damaged(path, msg[:120]) from None
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> bytearray:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as f:
+            raw = bytearray(os.fstat(f.fileno()).st_size)
+            got = f.readinto(raw)
+        return raw if got == len(raw) else raw[:got]
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a folder, not a checkpoint file") from None
     except OSError as e:
@@ -335,9 +374,14 @@ def save(path: Path, payload: dict, stamp: bool = True) -> int:
     if stamp or "saved_at" not in payload:
         payload["versions"] = {"charrnn": __version__, "torch": str(torch.__version__)}
         payload["saved_at"] = time.time()
-    raw = encode(payload)
+    parts, _tensors = _encode_parts(payload)  # the parts point into _tensors, kept alive until written
+
+    def write(f) -> None:
+        for part in parts:
+            f.write(part)
+
     try:
-        atomic_write(path, lambda f: f.write(raw))
+        atomic_write(path, write)
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint {path}: {e.strerror or e}; the checkpoints saved before it are kept "
@@ -350,7 +394,7 @@ def save(path: Path, payload: dict, stamp: bool = True) -> int:
                           {k: v for k, v in old.items() if k not in _SIDECAR_OWN})
         except OSError:
             sidecar(path).unlink(missing_ok=True)  # a stale sidecar must not stay trusted
-    return len(raw)
+    return sum(memoryview(p).nbytes for p in parts)
 
 
 def load(path: Path, device: str | torch.device = "cpu") -> dict:

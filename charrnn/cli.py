@@ -395,6 +395,8 @@ def checkpoints_show(
         ("settings", ", ".join(f"{k}={v}" for k, v in tr["config"].items() if v is not None)),
         ("versions", ", ".join(f"{k} {v}" for k, v in (ck.get("versions") or {}).items())),
     ]
+    if target.suffix == ckm.LEGACY_SUFFIX:
+        rows.append(("format", f"old .pt file; 'charrnn checkpoints upgrade {path}' rewrites it as .safetensors"))
     if ck.get("sentiment"):
         s = ck["sentiment"]
         rows.append(("sentiment unit", f"unit {s.get('unit')} (polarity {s.get('polarity')})"))
@@ -439,8 +441,7 @@ def checkpoints_prune(
 def checkpoints_upgrade(
     path: Annotated[Path, typer.Argument(help="A .pt checkpoint, a run folder, or a folder of run folders.")],
 ):
-    """Rewrite old .pt checkpoints as .safetensors (loaded without unpickling, checksummed); each .pt is
-    removed once its new file reads back the same."""
+    """Rewrite old .pt checkpoints as checksummed .safetensors; each .pt goes once its new file reads back the same."""
     from charrnn import checkpoint as ckm
     from charrnn import ui
     from charrnn.errors import CheckpointError

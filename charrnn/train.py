@@ -405,7 +405,8 @@ class Trainer:
         """Save this step's checkpoint (atomically), then delete those beyond the best and the --keep newest.
 
         A checkpoint already on disk for this step is kept as it is, unless it lacks a validation
-        loss that this save has (the same weights, evaluated): files are replaced, never rewritten.
+        loss that this save has (the same weights, evaluated) or is damaged (then it is set aside and
+        the step redone): files are replaced, never rewritten.
         """
         path = self.run_dir / ckpt_mod.ckpt_name(self.state.step)
         self._full_carry = self.dist.gather_rows(self.carry)  # collective: every process takes part
