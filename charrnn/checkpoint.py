@@ -375,6 +375,11 @@ def save(path: Path, payload: dict, stamp: bool = True) -> int:
         payload["versions"] = {"charrnn": __version__, "torch": str(torch.__version__)}
         payload["saved_at"] = time.time()
     parts, _tensors = _encode_parts(payload)  # the parts point into _tensors, kept alive until written
+    try:  # a sidecar describing the file being replaced is brought up to date below
+        old = json.loads(sidecar(path).read_text())
+        old = old if isinstance(old, dict) and old.get("file") == path.name else None
+    except (OSError, ValueError):
+        old = None
 
     def write(f) -> None:
         for part in parts:
@@ -387,10 +392,10 @@ def save(path: Path, payload: dict, stamp: bool = True) -> int:
             f"could not write checkpoint {path}: {e.strerror or e}; the checkpoints saved before it are kept "
             "(free some disk space or make the folder writable)"
         ) from None
-    old = _sidecar_meta(path)
     if old is not None:
+        step = payload["train"].get("step") if isinstance(payload.get("train"), dict) else None
         try:
-            write_sidecar(path, old.get("step", 0), payload.get("val_loss"),
+            write_sidecar(path, step if _real(step) else old.get("step", 0), payload.get("val_loss"),
                           {k: v for k, v in old.items() if k not in _SIDECAR_OWN})
         except OSError:
             sidecar(path).unlink(missing_ok=True)  # a stale sidecar must not stay trusted

@@ -410,3 +410,15 @@ def test_upgrade_keeps_a_damaged_pt_and_says_so(run, tmp_path):
     r = cli("checkpoints", "upgrade", old)
     assert r.exit_code == 1 and "could not be upgraded" in r.stderr.splitlines()[-1]
     assert old.exists() and not (run / ckm.ckpt_name(10)).exists()
+
+
+def test_rewriting_a_checkpoint_in_place_keeps_its_sidecar_right(run, tmp_path):
+    """`neuron find` rewrites a checkpoint in place (a bigger file): its sidecar follows, so listings
+    keep trusting it instead of reading the file."""
+    path = run / ckm.ckpt_name(20)
+    ck = ckm.load(path)
+    ck["sentiment"] = {"unit": 3, "polarity": 1, "note": "x" * 5000}
+    ckm.save(path, ck)
+    side = json.loads(ckm.sidecar(path).read_text())
+    assert side["size"] == path.stat().st_size and side["step"] == 20 and side["cell"] == "lstm"
+    assert ckm._sidecar_meta(path) is not None
