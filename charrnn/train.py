@@ -182,6 +182,12 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     return device, dist
 
 
+def _warner(callback: Callback | None) -> Callable[[str], None]:
+    """A "warn" event for the checkpoint code to report through, from the main process only (as the Trainer's own)."""
+    cb = (callback or _noop) if Dist.from_env().main else _noop
+    return lambda message: cb("warn", {"message": message})
+
+
 def _check_resumable(ck: dict, path: Path) -> None:
     """One line, not a KeyError or TypeError, when a checkpoint lacks what resuming needs."""
     ckpt_mod.check_payload(ck, path, train=True)
@@ -250,7 +256,7 @@ class Trainer:
         init = None
         vocab = None
         if init_from is not None:
-            warn = lambda m: (callback or _noop)("warn", {"message": m})
+            warn = _warner(callback)
             init_path, init = ckpt_mod.open_checkpoint(Path(init_from), home, on_warn=warn)
             ckpt_mod.check_payload(init, init_path)
             vocab = Vocab(init["vocab"])
@@ -313,7 +319,7 @@ class Trainer:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise CheckpointError(f"cannot resume: no run folder at {run_dir}")
-        warn = lambda m: (callback or _noop)("warn", {"message": m})
+        warn = _warner(callback)
         infos = ckpt_mod.list_checkpoints(run_dir, on_warn=warn)
         if not infos:
             raise CheckpointError(
