@@ -28,7 +28,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-checkpoints_app = typer.Typer(help="List, inspect and prune runs and their checkpoints.", no_args_is_help=True)
+checkpoints_app = typer.Typer(help="List, inspect, prune and upgrade runs and their checkpoints.", no_args_is_help=True)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(cache_app, name="cache")
@@ -220,7 +220,7 @@ def sample(
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
                        precision=precision.value, guidance=guidance)
     validate(cfg)
-    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir)
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir, on_warn=ui.warn)
     from charrnn.neuron.steer import steering_hook
 
     hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
@@ -270,7 +270,7 @@ def eval_cmd(
     from charrnn.train import evaluate, pick_device
 
     dev = pick_device(device.value)
-    model, vocab, ck = load_model(checkpoint, dev, home=HOME)
+    model, vocab, ck = load_model(checkpoint, dev, home=HOME, on_warn=ui.warn)
     data, _ = load_corpus([file], vocab=vocab)
     from charrnn.sample import choose_precision, with_precision
 
@@ -303,7 +303,7 @@ def gradients(
     from charrnn.gradients import gradient_flow
     from charrnn.train import pick_device
 
-    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=HOME)
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=HOME, on_warn=ui.warn)
     data, _ = load_corpus([file], vocab=vocab)
     result = gradient_flow(model, data, k=k, windows=windows)
     if json_out:
@@ -320,10 +320,11 @@ def _run_rows(home: Path) -> list[dict]:
     import time as _time
 
     from charrnn import checkpoint as ck
+    from charrnn import ui
 
     rows = []
     for run_dir in ck.list_runs(home):
-        infos = ck.list_checkpoints(run_dir)
+        infos = ck.list_checkpoints(run_dir, verify_all=True, on_warn=ui.warn)
         best = ck.best_of(infos)
         cell, size = "-", "-"
         meta = {}
@@ -380,8 +381,8 @@ def checkpoints_show(
     from charrnn import checkpoint as ckm
     from charrnn import ui
 
-    target = ckm.resolve(path)
-    ck = ckm.load(target)
+    target, ck = ckm.open_checkpoint(path, on_warn=ui.warn)
+    ckm.check_payload(ck, target, train=True)
     mc, tr = ck["model_config"], ck["train"]
     st = tr["state"]
     params = sum(v.numel() for v in ck["model"].values())
@@ -409,12 +410,14 @@ def checkpoints_show(
         ("settings", ", ".join(f"{k}={v}" for k, v in tr["config"].items() if v is not None)),
         ("versions", ", ".join(f"{k} {v}" for k, v in (ck.get("versions") or {}).items())),
     ]
+    if target.suffix == ckm.LEGACY_SUFFIX:
+        rows.append(("format", f"old .pt file; 'charrnn checkpoints upgrade {path}' rewrites it as .safetensors"))
     if ck.get("sentiment"):
         s = ck["sentiment"]
         rows.append(("sentiment unit", f"unit {s.get('unit')} (polarity {s.get('polarity')})"))
     ui.kv_table("checkpoint", rows)
     if path.is_dir():
-        infos = ckm.list_checkpoints(path)
+        infos = ckm.list_checkpoints(path, verify_all=True, on_warn=ui.warn)
         best = ckm.best_of(infos)
         ui.checkpoints_table(str(path), [
             {"file": i.path.name, "step": i.step, "val_loss": i.val_loss, "size": i.size,
@@ -449,7 +452,7 @@ def checkpoints_prune(
             ui.info(f"skipped: {busy}; prune it when that ends")
             continue
         try:
-            removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+            removed = ckm.rotate(run_dir, keep, dry_run=dry_run, on_warn=ui.warn)
             if not dry_run:
                 ckm.clean_temp_files(run_dir)
         finally:
@@ -459,6 +462,40 @@ def checkpoints_prune(
         done += 1
     verb = "would delete" if dry_run else "deleted"
     ui.info(f"{verb} {count} checkpoint(s) in {done} run(s), {ui.fmt_size(freed)}")
+
+
+@checkpoints_app.command("upgrade")
+@handle_errors
+def checkpoints_upgrade(
+    path: Annotated[Path, typer.Argument(help="A .pt checkpoint, a run folder, or a folder of run folders.")],
+):
+    """Rewrite old .pt checkpoints as checksummed .safetensors; each .pt goes once its new file reads back the same."""
+    from charrnn import checkpoint as ckm
+    from charrnn import ui
+    from charrnn.errors import CheckpointError
+
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint or run folder at {path}")
+    if path.is_file():
+        files = [path]
+    else:
+        runs = [path] if ckm.is_run_dir(path) else ckm.list_runs(path)
+        files = [p for run_dir in runs for p in sorted(run_dir.glob(ckm.LEGACY_GLOB))]
+    if not files:
+        ui.info(f"no .pt checkpoints to upgrade in {path}")
+        return
+    failed = []
+    for p in files:
+        try:
+            new = ckm.upgrade(p, on_warn=ui.warn)
+        except CheckpointError as e:
+            ui.warn(str(e))
+            failed.append(p)
+            continue
+        ui.info(f"upgraded {p} -> {new.name}")
+    if failed:
+        raise CheckpointError(f"{len(failed)} of {len(files)} checkpoint(s) could not be upgraded (see above); "
+                              "the others are upgraded")
 
 
 # ---------------------------------------------------------------- bench
