@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import TrainConfig
 from charrnn.distributed import Dist, broadcast_object
