@@ -1,0 +1,75 @@
+"""What `charrnn checkpoints list|show` report about runs and checkpoints, as plain data (the CLI renders it)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from charrnn import checkpoint as ckm
+
+
+def run_rows(home: Path) -> list[dict]:
+    """One summary per run folder under home: cell and size (from the newest sidecar), checkpoints,
+    last step, best validation loss and its file, bytes on disk, last update."""
+    return [_run_row(run_dir) for run_dir in ckm.list_runs(home)]
+
+
+def _run_row(run_dir: Path) -> dict:
+    infos = ckm.list_checkpoints(run_dir)
+    best = ckm.best_of(infos)
+    meta = {}
+    if infos:
+        try:
+            meta = json.loads(ckm.sidecar(infos[-1].path).read_text())
+        except (OSError, ValueError):
+            meta = {}  # a missing or damaged sidecar leaves the row's cell and size unknown
+    disk = sum(p.stat().st_size for p in run_dir.iterdir() if p.is_file())
+    updated = max((i.saved_at for i in infos), default=run_dir.stat().st_mtime)
+    return {
+        "run": str(run_dir), "cell": meta.get("cell", "-"),
+        "size": f"{meta['layers']}x{meta['hidden']}" if "layers" in meta else "-", "checkpoints": len(infos),
+        "last_step": infos[-1].step if infos else 0, "best": best.val_loss if best else None,
+        "best_path": str(best.path) if best else None, "disk": disk,
+        "updated": time.strftime("%Y-%m-%d %H:%M", time.localtime(updated)),
+    }
+
+
+def checkpoint_details(path: Path) -> dict:
+    """The checkpoint path names (a file, or a run folder's best): model, training settings and progress,
+    vocabulary size, versions, sentiment unit. Plain data: `checkpoints show --json` prints it as is."""
+    target = ckm.resolve(path)
+    ck = ckm.load(target)
+    mc, tr = ck["model_config"], ck["train"]
+    st = tr["state"]
+    return {
+        "checkpoint": str(target), "step": tr["step"], "val_loss": ck.get("val_loss"),
+        "best_val_loss": st.get("best_val_loss"), "best_step": st.get("best_step"),
+        "model": mc, "params": sum(v.numel() for v in ck["model"].values()), "train": tr["config"],
+        "corpus": tr["corpus"], "elapsed_s": st.get("elapsed_s"), "total_steps": st.get("total_steps"),
+        "vocab_size": len(ck["vocab"]), "versions": ck.get("versions"), "sentiment": ck.get("sentiment"),
+    }
+
+
+def checkpoint_files(run_dir: Path) -> list[dict]:
+    """The checkpoints of a run folder, oldest first, the best and the latest marked."""
+    infos = ckm.list_checkpoints(run_dir)
+    best = ckm.best_of(infos)
+    return [{"file": i.path.name, "step": i.step, "val_loss": i.val_loss, "size": i.size,
+             "mark": "best" if best and i.path == best.path else ("latest" if i is infos[-1] else "")}
+            for i in infos]
+
+
+def prune(folder: Path, keep: int, dry_run: bool = False) -> dict:
+    """Delete all but the best and the newest `keep` checkpoints of every run under folder (or of folder,
+    a run itself), and the temp files saves left; with dry_run only count them.
+    Returns {"checkpoints": deleted, "bytes": freed, "runs": runs pruned}."""
+    runs = [folder] if ckm.is_run_dir(folder) else ckm.list_runs(folder)
+    freed, count = 0, 0
+    for run_dir in runs:
+        removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+        freed += sum(i.size for i in removed)
+        count += len(removed)
+        if not dry_run:
+            ckm.clean_temp_files(run_dir)
+    return {"checkpoints": count, "bytes": freed, "runs": len(runs)}
