@@ -81,7 +81,7 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
     """chars/s of a plain PyTorch TBPTT loop (Adam, clipping) and its RSS after each step.
 
     On CUDA it uses the same mixed precision as charrnn (autocast to bf16, or fp16 where bf16 is missing)."""
-    from charrnn.train import autocast_dtype
+    from charrnn.device import autocast_dtype
 
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -114,17 +114,18 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
 def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path,
                       device: str = "cpu") -> tuple[float, list[float]]:
     """chars/s of charrnn's own training loop (the code `charrnn train` runs) at the same shape."""
+    from charrnn.events import TrainEvents
     from charrnn.train import Trainer
 
     rss: list[float] = []
 
-    def cb(event: str, d: dict) -> None:
-        if event == "step":
+    class Memory(TrainEvents):
+        def on_step(self, e) -> None:
             rss.append(rss_mb())
 
     cfg = TrainConfig(cell=s.cell, layers=s.layers, hidden=s.hidden, seq_len=s.seq_len, batch_size=s.batch_size,
                       steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device=device)
-    trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=cb)
+    trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=Memory())
     summary = trainer.run()
     return summary["chars_per_s"], rss
 

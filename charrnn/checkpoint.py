@@ -236,9 +236,16 @@ def rotate(run_dir: Path, keep: int, dry_run: bool = False) -> list[CkptInfo]:
 
 
 def clean_temp_files(run_dir: Path) -> None:
-    """Remove temporary files left by a save that was killed midway, and sidecars whose checkpoint is gone."""
+    """Remove temporary files left by a save that was killed midway, and sidecars whose checkpoint is gone.
+
+    Callers hold the run's lock (charrnn.runlock), so no trainer is writing here; a temporary file
+    is still kept while the process named in it may be writing it (another command, such as
+    `neuron find` storing a unit, writes into run folders without the lock).
+    """
+    from charrnn.runlock import is_stale_temp
+
     run_dir = Path(run_dir)
-    leftovers = list(run_dir.glob(".*.tmp*"))
+    leftovers = [p for p in run_dir.glob(".*.tmp*") if is_stale_temp(p)]
     leftovers += [p for p in run_dir.glob("step_*.json") if not p.with_suffix(".pt").exists()]
     for p in leftovers:
         try:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from charrnn.errors import UsageError
 
@@ -18,6 +18,8 @@ DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
 # and 3e-3 1.5053 (README: "How the defaults were chosen").
 BASE_LR = 5e-3
 DEFAULT_PATIENCE = 5  # evaluations without a new best before a time-budget run stops early
+DEFAULT_MAX_EPOCHS = 50  # cap on a run given no length at all
+EVALS_PER_RUN = 10  # evaluations (and saves) in a run given no --eval-every
 SEED_LIMIT = 2**64  # seeds are 0 .. 2**64 - 1: what torch's generators hold (larger ones overflow there)
 # Upper bounds for sizes no run could use: past them torch overflows (a traceback, not an out-of-memory
 # line) or, for threads and layers, builds absurd thread pools or module lists before failing.
@@ -32,7 +34,7 @@ OLD_SENTIMENT_FIELDS = {"sentiment_unit": "unit", "sentiment_contrast": "contras
                         "sentiment_weight": "weight", "sentiment_clamp": "value"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class SentimentConfig:
     """Binding a unit to labels while the language model trains (charrnn/neuron/bind.py). The fields
     are the flags' names: --sentiment-unit, --sentiment-contrast, --sentiment-fixed, --sentiment-read."""
@@ -52,8 +54,10 @@ class SentimentConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """What the user asked for, with the auto fields filled once by `resolve`; never changed after it."""
+
     # model (None: chosen by `resolve`)
     cell: str = "lstm"  # recurrent cell
     layers: int | None = None  # stacked recurrent layers
@@ -74,7 +78,8 @@ class TrainConfig:
     time_s: float | None = None
     # validation and checkpoints
     val_frac: float = 0.1  # the LAST fraction of the corpus is held out
-    eval_every: int | None = None  # steps between evaluations and saves; None: about 10 per run
+    eval_every: int | None = None  # steps between evaluations and saves; None: about EVALS_PER_RUN per run
+    # (the run chooses it, and keeps it in its RunState: for a time budget it follows the measured speed)
     eval_chars: int = 250_000  # characters of validation text scored at each evaluation
     keep: int = 1  # newest checkpoints kept besides the best
     patience: int | None = None  # stop after this many evaluations without a new best; 0: never;
@@ -92,10 +97,9 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The config of `to_dict`, or of a checkpoint written when the sentiment options were flat fields."""
         names = {f.name for f in fields(cls)}
-        out = cls(**{k: v for k, v in d.items() if k in names and k != "sentiment"})
         flat = {new: d[old] for old, new in OLD_SENTIMENT_FIELDS.items() if old in d}
-        out.sentiment = SentimentConfig.from_dict({**flat, **(d.get("sentiment") or {})})
-        return out
+        sentiment = SentimentConfig.from_dict({**flat, **(d.get("sentiment") or {})})
+        return cls(**{k: v for k, v in d.items() if k in names and k != "sentiment"}, sentiment=sentiment)
 
 
 def parse_duration(text: str) -> float:
@@ -192,30 +196,50 @@ BATCH_BY_DEVICE = {"cpu": 32, "cuda": 128, "mps": 64}
 SEQ_BY_DEVICE = {"cpu": 64, "cuda": 128, "mps": 128}
 
 
-def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu") -> TrainConfig:
-    """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device."""
-    out = TrainConfig.from_dict(cfg.to_dict())
-    if out.batch_size is None:
-        out.batch_size = BATCH_BY_DEVICE.get(device_type, 32)
-    if out.seq_len is None:
-        out.seq_len = SEQ_BY_DEVICE.get(device_type, 64)
-    if out.patience is None:
-        out.patience = DEFAULT_PATIENCE if out.steps is None and out.epochs is None else 0
-    if out.layers is None:
-        out.layers = 2
+def time_budget(cfg: TrainConfig) -> float | None:
+    """The run's wall-clock budget: --time, or DEFAULT_TIME_S given no length at all; None for --steps/--epochs."""
+    if cfg.steps is not None or cfg.epochs is not None:
+        return None
+    return cfg.time_s if cfg.time_s is not None else DEFAULT_TIME_S
+
+
+def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu",
+            arch: dict | None = None) -> TrainConfig:
+    """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device.
+
+    `arch` is the model_config of an --init-from checkpoint: its cell and sizes replace the asked-for
+    ones first, so the learning rate (and anything else sized by the width) is chosen for the width
+    that will actually train; its dropout too, unless one was given.
+    """
+    if arch is not None:
+        cfg = replace(cfg, **{k: arch[k] for k in ("cell", "layers", "hidden", "embed")},
+                      dropout=arch["dropout"] if cfg.dropout is None else cfg.dropout)
+    out = replace(
+        cfg,
+        batch_size=cfg.batch_size or BATCH_BY_DEVICE.get(device_type, 32),
+        seq_len=cfg.seq_len or SEQ_BY_DEVICE.get(device_type, 64),
+        layers=cfg.layers or 2,
+        patience=cfg.patience if cfg.patience is not None else
+        DEFAULT_PATIENCE if cfg.steps is None and cfg.epochs is None else 0,
+    )
     if out.hidden is None:
-        budget = budget_s if budget_s is not None else DEFAULT_TIME_S
-        table = GPU_SIZE_BY_BUDGET if device_type == "cuda" else SIZE_BY_BUDGET
-        out.hidden = next(h for limit, h in table if budget <= limit)
-        # a small corpus does not need (and overfits) a wide model: at most about 8 weights per character
-        while out.hidden > 128 and out.hidden * out.hidden * 8 * out.layers > 8 * train_chars:
-            out.hidden //= 2
+        out = replace(out, hidden=_hidden_for(out.layers, train_chars, budget_s, device_type))
     if out.lr is None:
-        out.lr = round(min(BASE_LR, BASE_LR * math.sqrt(256 / out.hidden)), 6)
+        out = replace(out, lr=round(min(BASE_LR, BASE_LR * math.sqrt(256 / out.hidden)), 6))
     if out.dropout is None:
         epochs = expected_epochs(out, train_chars, budget_s, device_type)
-        out.dropout = next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit)
+        out = replace(out, dropout=next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit))
     return out
+
+
+def _hidden_for(layers: int, train_chars: int, budget_s: float | None, device_type: str) -> int:
+    budget = budget_s if budget_s is not None else DEFAULT_TIME_S
+    table = GPU_SIZE_BY_BUDGET if device_type == "cuda" else SIZE_BY_BUDGET
+    hidden = next(h for limit, h in table if budget <= limit)
+    # a small corpus does not need (and overfits) a wide model: at most about 8 weights per character
+    while hidden > 128 and hidden * hidden * 8 * layers > 8 * train_chars:
+        hidden //= 2
+    return hidden
 
 
 # chars/s x parameters of training, measured on the 2-core reference CPU for LSTMs of 2x256 to

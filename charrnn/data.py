@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from charrnn import cache
+from charrnn.cache import cache_dir  # noqa: F401  (where it always was)
 from charrnn.errors import DataError
 
-CACHE_VERSION = 1
 CHUNK_BYTES = 16 << 20  # read and encode big files in pieces so memory stays flat
 TSV_HEADER = "label\ttext"
 LABELS = {"1": 1, "0": 0, "pos": 1, "neg": 0}
-
-
-def cache_dir() -> Path:
-    """Where encoded corpora are cached: $CHARRNN_CACHE, else $XDG_CACHE_HOME/charrnn, else ~/.cache/charrnn."""
-    if os.environ.get("CHARRNN_CACHE"):
-        return Path(os.environ["CHARRNN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "charrnn"
+BOM = "\ufeff"  # a byte-order mark some editors put at the start of a UTF-8 file: not part of the text
 
 
 # ---------------------------------------------------------------- vocabulary
@@ -105,29 +97,46 @@ def _decode_chunk(raw: bytes, path: Path, offset: int, errors: str, final: bool)
         ) from None
 
 
-def iter_text(path: Path, errors: str = "strict"):
-    """Yield the text of a UTF-8 file in pieces of about CHUNK_BYTES."""
+def iter_text(path: Path, errors: str = "strict", hasher=None):
+    """Yield the text of a UTF-8 file in pieces of about CHUNK_BYTES, without a leading byte-order mark.
+
+    `hasher` (a hashlib object), when given, is fed every byte read.
+    """
     _check_file(path)
     with open(path, "rb") as f:
-        carry, offset = b"", 0
+        carry, offset, first = b"", 0, True
         while True:
             raw = f.read(CHUNK_BYTES)
+            if hasher is not None:
+                hasher.update(raw)
             final = not raw
             text, carry2 = _decode_chunk(carry + raw, path, offset - len(carry), errors, final)
             offset += len(raw)
             carry = carry2
+            if first and text:
+                first = False
+                text = text.removeprefix(BOM)
             if text:
                 yield text
             if final:
                 return
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (what `sha256sum` prints): the corpus's fingerprint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def is_labeled(path: Path) -> bool:
-    """True when the file's first line is the labeled TSV header `label<TAB>text`."""
+    """True when the file's first line is the labeled TSV header `label<TAB>text` (after a byte-order mark)."""
     _check_file(path)
     with open(path, "rb") as f:
         first = f.readline(64)
-    return first.rstrip(b"\r\n").lower() == TSV_HEADER.encode()
+    return first.removeprefix(BOM.encode()).rstrip(b"\r\n").lower() == TSV_HEADER.encode()
 
 
 @dataclass
@@ -138,9 +147,9 @@ class Labeled:
     labels: list[int]
 
 
-def read_labeled(path: Path, errors: str = "strict") -> Labeled:
+def read_labeled(path: Path, errors: str = "strict", hasher=None) -> Labeled:
     """Parse a `label<TAB>text` file; labels are 1/0 or pos/neg. Bad rows are errors with their line number."""
-    text = "".join(iter_text(path, errors))
+    text = "".join(iter_text(path, errors, hasher))
     lines = text.split("\n")
     if lines[0].rstrip("\r").lower() != TSV_HEADER:
         raise DataError(f"{path}: the first line must be the header 'label<TAB>text'")
@@ -164,95 +173,99 @@ def read_labeled(path: Path, errors: str = "strict") -> Labeled:
     return Labeled(texts, labels)
 
 
-def iter_corpus_text(path: Path, errors: str = "strict"):
+def iter_corpus_text(path: Path, errors: str = "strict", hasher=None):
     """The training text of one file: the file itself, or a labeled TSV's texts one per line."""
     if is_labeled(path):
-        yield "\n".join(read_labeled(path, errors).texts) + "\n"
+        yield "\n".join(read_labeled(path, errors, hasher).texts) + "\n"
     else:
-        yield from iter_text(path, errors)
+        yield from iter_text(path, errors, hasher)
 
 
 # ---------------------------------------------------------------- encoding and cache
 
 
-def _cache_key(path: Path, errors: str) -> str:
-    st = path.stat()
-    ident = f"{CACHE_VERSION}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{errors}"
-    return hashlib.sha1(ident.encode()).hexdigest()[:20]
-
-
-def _encode_into(pieces, vocab: Vocab, out: torch.Tensor) -> None:
-    """Encode text pieces with `vocab` into the preallocated id tensor `out`."""
+def _encode_into(pieces, vocab: Vocab, out: torch.Tensor) -> int:
+    """Encode text pieces with `vocab` into the preallocated id tensor `out`; returns the characters seen
+    (more than `out` holds when the text grew since it was measured: those are not written)."""
     table = torch.full((0x110000,), -1, dtype=torch.int64)
     table[torch.tensor([ord(c) for c in vocab.chars], dtype=torch.int64)] = torch.arange(len(vocab))
     pos = 0
     for text in pieces:
         cps = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
-        out[pos : pos + cps.numel()] = table[cps.long()].to(out.dtype)
+        take = max(0, min(cps.numel(), out.numel() - pos))
+        out[pos : pos + take] = table[cps[:take].long()].to(out.dtype)
         pos += cps.numel()
+    return pos
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+@dataclass
+class Encoded:
+    """One corpus file's text as ids in its own vocabulary, and the SHA-256 of the file's bytes."""
+
+    path: Path
+    ids: torch.Tensor
+    vocab: Vocab
+    sha256: str
 
 
-def encode_file(path: Path, errors: str = "strict", use_cache: bool = True) -> tuple[torch.Tensor, Vocab]:
-    """The file's text as ids in its own vocabulary, from the cache when the file is unchanged.
+def encode(path: Path, errors: str = "strict", use_cache: bool = True) -> Encoded:
+    """A file's text as ids, from the cache when a file with the same bytes was encoded before.
 
     The ids tensor is memory-mapped from the cache, so a corpus bigger than memory stays on disk.
+    The file is read once to fingerprint it (far cheaper than encoding); a miss reads it twice more,
+    for the vocabulary and then for the ids, and the bytes of that last pass must hash to the same
+    fingerprint, so a file rewritten meanwhile is never cached under the old one.
     """
     path = Path(path)
     _check_file(path)
-    key = _cache_key(path, errors)
-    cdir = cache_dir()
-    meta_path, bin_path = cdir / f"{key}.json", cdir / f"{key}.bin"
-    if use_cache and meta_path.exists() and bin_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-            vocab = Vocab(meta["chars"])
-            if bin_path.stat().st_size == meta["length"] * vocab.dtype.itemsize:
-                ids = torch.from_file(str(bin_path), shared=False, size=meta["length"], dtype=vocab.dtype)
-                return ids, vocab
-        except (OSError, ValueError, KeyError, RuntimeError):
-            pass  # a damaged cache entry is rebuilt below
+    sha = file_sha256(path)
+    if use_cache:
+        cache.sweep()  # temp files of encodes that were killed
+        hit = cache.lookup(sha, errors)
+        if hit is not None:
+            return Encoded(path, hit[0], Vocab(hit[1]), sha)
     chars: set[str] = set()
     n = 0
     for piece in iter_corpus_text(path, errors):
         chars.update(piece)
         n += len(piece)
+    if n == 0:
+        raise DataError(f"corpus file has no text: {path} (only a byte-order mark)")
     vocab = Vocab.from_text_chars(chars)
-    try:
-        cdir.mkdir(parents=True, exist_ok=True)
-        tmp = bin_path.with_name(bin_path.name + f".tmp{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        out = torch.from_file(str(tmp), shared=True, size=n, dtype=vocab.dtype)
-        _encode_into(iter_corpus_text(path, errors), vocab, out)
-        del out
-        os.replace(tmp, bin_path)
-        _atomic_write_bytes(meta_path, json.dumps({"chars": vocab.chars, "length": n, "source": str(path)}).encode())
-        ids = torch.from_file(str(bin_path), shared=False, size=n, dtype=vocab.dtype)
-    except (OSError, RuntimeError):
-        # no writable cache: encode in memory instead
-        ids = torch.empty(n, dtype=vocab.dtype)
-        _encode_into(iter_corpus_text(path, errors), vocab, ids)
-    return ids, vocab
+
+    def fill(out: torch.Tensor) -> None:
+        h = hashlib.sha256()
+        if _encode_into(iter_corpus_text(path, errors, h), vocab, out) != n or h.hexdigest() != sha:
+            raise DataError(f"{path} changed while it was being read; run again once nothing is writing to it")
+
+    if use_cache:
+        try:
+            return Encoded(path, cache.store(sha, errors, vocab.chars, n, path, fill), vocab, sha)
+        except (OSError, RuntimeError):
+            pass  # no writable cache: encode in memory instead
+    ids = torch.empty(n, dtype=vocab.dtype)
+    fill(ids)
+    return Encoded(path, ids, vocab, sha)
 
 
-def load_corpus(paths, vocab: Vocab | None = None, errors: str = "strict") -> tuple[torch.Tensor, Vocab]:
-    """Encode one or more files, in order, into one id tensor.
+def encode_file(path: Path, errors: str = "strict", use_cache: bool = True) -> tuple[torch.Tensor, Vocab]:
+    """(ids, vocabulary) of one file; see `encode`."""
+    e = encode(path, errors, use_cache)
+    return e.ids, e.vocab
 
-    With `vocab` given (fine-tuning, evaluation), every character must be in it; otherwise the
-    vocabulary is the union of the files' characters.
+
+def join_encoded(parts: list[Encoded], vocab: Vocab | None = None) -> tuple[torch.Tensor, Vocab]:
+    """Encoded files, in order, as one id tensor in one vocabulary.
+
+    With `vocab` given (fine-tuning, evaluation, resuming), every character must be in it; otherwise
+    the vocabulary is the union of the files' characters.
     """
-    paths = [Path(p) for p in paths]
-    if not paths:
+    if not parts:
         raise DataError("no corpus files given")
-    parts = [encode_file(p, errors) for p in paths]
-    target = vocab or Vocab.from_text_chars(set().union(*(set(v.chars) for _, v in parts)))
+    target = vocab or Vocab.from_text_chars(set().union(*(set(e.vocab.chars) for e in parts)))
     out = []
-    for (ids, own), p in zip(parts, paths):
+    for e in parts:
+        ids, own, p = e.ids, e.vocab, e.path
         if own.chars == target.chars:
             out.append(ids)
             continue
@@ -266,6 +279,14 @@ def load_corpus(paths, vocab: Vocab | None = None, errors: str = "strict") -> tu
         out.append(table.to(target.dtype)[ids.long()] if ids.numel() else ids.to(target.dtype))
     data = out[0] if len(out) == 1 else torch.cat(out)
     return data, target
+
+
+def load_corpus(paths, vocab: Vocab | None = None, errors: str = "strict") -> tuple[torch.Tensor, Vocab]:
+    """Encode one or more files, in order, into one id tensor (see `join_encoded` for `vocab`)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise DataError("no corpus files given")
+    return join_encoded([encode(p, errors) for p in paths], vocab)
 
 
 # ---------------------------------------------------------------- batching

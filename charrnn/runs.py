@@ -60,16 +60,32 @@ def checkpoint_files(run_dir: Path) -> list[dict]:
             for i in infos]
 
 
-def prune(folder: Path, keep: int, dry_run: bool = False) -> dict:
+def prune(folder: Path, keep: int, dry_run: bool = False, on_skip=None) -> dict:
     """Delete all but the best and the newest `keep` checkpoints of every run under folder (or of folder,
-    a run itself), and the temp files saves left; with dry_run only count them.
-    Returns {"checkpoints": deleted, "bytes": freed, "runs": runs pruned}."""
+    a run itself), and the temp files saves left; with dry_run only count them. A run being trained is
+    left alone: on_skip(who holds it) is called for each. Returns {"checkpoints": deleted, "bytes": freed,
+    "runs": runs pruned}."""
+    from charrnn.runlock import RunLock, holder
+
     runs = [folder] if ckm.is_run_dir(folder) else ckm.list_runs(folder)
-    freed, count = 0, 0
+    freed, count, done = 0, 0, 0
     for run_dir in runs:
-        removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+        lock = RunLock(run_dir, "checkpoints prune")
+        try:  # the run's lock while pruning it, so no training starts or saves meanwhile
+            busy = holder(run_dir) if dry_run else lock.try_acquire()
+        except OSError:
+            busy = None  # a read-only folder: nothing can train there; rotate says what it cannot delete
+        if busy is not None:
+            if on_skip is not None:
+                on_skip(busy)
+            continue
+        try:
+            removed = ckm.rotate(run_dir, keep, dry_run=dry_run)
+            if not dry_run:
+                ckm.clean_temp_files(run_dir)
+        finally:
+            lock.release()
         freed += sum(i.size for i in removed)
         count += len(removed)
-        if not dry_run:
-            ckm.clean_temp_files(run_dir)
-    return {"checkpoints": count, "bytes": freed, "runs": len(runs)}
+        done += 1
+    return {"checkpoints": count, "bytes": freed, "runs": done}

@@ -1,75 +1,34 @@
-"""The training loop: truncated BPTT over contiguous streams, evaluation, checkpoints and exact resume.
+"""The training loop: truncated BPTT over contiguous streams, evaluated and saved on the way, resumable exactly.
 
-Progress is reported through a callback `callback(event, data)`; this module never prints.
-Events: "start", "step", "eval", "save", "warn", "end".
+`Trainer` holds the step and the loop; the jobs around them live beside it: building new and
+resumed runs (assemble.py), the run folder (runfolder.py), recovery from bad steps (recovery.py),
+evaluation (evaluation.py), device and precision (device.py). Progress goes to a `TrainEvents`
+receiver (events.py); this module never prints.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
-import os
-import re
 import signal
 import time
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from charrnn import checkpoint as ckpt_mod
-from charrnn.config import DEFAULT_TIME_S, TrainConfig, resolve, validate
-from charrnn.data import StreamBatcher, Vocab, load_corpus, split
-from charrnn.distributed import Dist, broadcast_object
-from charrnn.errors import CheckpointError, DistributedError, TrainingDiverged, UsageError
-from charrnn.model import CharRNN, ModelConfig
-from charrnn.objective import LanguageModelObjective
+from charrnn.assemble import Parts, new_run, payload, resumed_run
+from charrnn.config import TrainConfig
+from charrnn.data import StreamBatcher
+from charrnn.device import autocast_dtype, pick_device  # noqa: F401 (the CLI imports them from here)
+from charrnn.distributed import Dist
+from charrnn.errors import DistributedError
+from charrnn.evaluation import evaluate
+from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
+from charrnn.recovery import Recovery, judge
+from charrnn.runstate import RunState
 
-Callback = Callable[[str, dict], None]
-LOG_EVERY = 10  # steps between "step" events and metrics lines
-MAX_BAD_STEPS = 3  # consecutive non-finite steps before rolling back
-MAX_ROLLBACKS = 4  # rollbacks (each halving the learning rate) before giving up
-EXPLODE_FACTOR = 10.0  # a training loss above this many times ln(V) (a uniform guess) has exploded
-# Test-only: "N" puts a NaN into one weight the first time step N is reached; "N+" every time
-# (a run that cannot recover). Lets tests force a real divergence; unset in normal use.
-TEST_NAN_ENV = "CHARRNN_TEST_NAN_AT"
-DEFAULT_MAX_EPOCHS = 50  # cap on a run given no length at all
-
-
-def _noop(event: str, data: dict) -> None:
-    pass
-
-
-# ---------------------------------------------------------------- device
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CheckpointError("--device mps was asked for, but MPS is not available here; use --device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA: bf16 where the card supports it, else fp16. None on CPU."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-# ---------------------------------------------------------------- schedule
+LOG_EVERY = 10  # steps between StepEvents and metrics lines
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig, scale: float = 1.0) -> float:
@@ -82,490 +41,62 @@ def lr_at(step: int, total: int, cfg: TrainConfig, scale: float = 1.0) -> float:
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# ---------------------------------------------------------------- evaluation
+def _receiver(callback: TrainEvents | None) -> TrainEvents:
+    """Only the main process reports (the others' events would repeat its own)."""
+    return (callback or TrainEvents()) if Dist.from_env().main else TrainEvents()
 
 
-@torch.no_grad()
-def evaluate(model: CharRNN, data: torch.Tensor, max_chars: int | None = None, seq_len: int = 256,
-             streams: int = 64, device: torch.device | None = None, dist: Dist | None = None) -> tuple[float, int]:
-    """Mean loss (nats/char) over `data`, read as contiguous streams with the state carried along.
+class _Session:
+    """Timing of this session (a resumed run adds to the time saved): elapsed time and recent speed."""
 
-    Returns (loss, characters scored). Switches the model to eval mode and restores its mode.
-    """
-    device = device or model.head.weight.device
-    if max_chars is not None:
-        data = data[:max_chars]
-    n = len(data)
-    if n < 2:
-        raise UsageError("not enough text to evaluate on (need at least 2 characters)")
-    streams = max(1, min(streams, n // (seq_len + 1)))
-    stream_len = n // streams
-    rows = data[: streams * stream_len].view(streams, stream_len)  # (S, L); a short tail is not scored
-    if dist is not None and dist.enabled:
-        rows = rows[dist.rank :: dist.world]  # each process scores its share of the streams
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        state = model.init_state(rows.shape[0], device)
-        for p in range(0, stream_len - 1, seq_len):
-            chunk = rows[:, p : p + seq_len + 1].long().to(device)
-            x, y = chunk[:, :-1], chunk[:, 1:]
-            logits, _, state = model(x, state=state)  # (S, T, V)
-            total += torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"
-            ).item()
-            count += y.numel()
-    finally:
-        model.train(was_training)
-    if dist is not None and dist.enabled:
-        total, count = dist.sum([total, float(count)])
-        count = int(count)
-    return total / max(count, 1), count
+    def __init__(self, state: RunState):
+        self.t0, self.elapsed_base, self.step0 = time.perf_counter(), state.elapsed_s, state.step
+        self.last_log_t, self.last_log_chars = self.t0, state.chars_seen
 
+    def elapsed(self, now: float | None = None) -> float:
+        return self.elapsed_base + ((now if now is not None else time.perf_counter()) - self.t0)
 
-# ---------------------------------------------------------------- the run
-
-
-@dataclass
-class RunState:
-    """Everything about a run's progress that a checkpoint must carry for an exact resume."""
-
-    step: int = 0  # optimiser steps done; also the index of the next batch
-    total_steps: int = 0  # the schedule's length
-    elapsed_s: float = 0.0  # wall-clock seconds trained so far, over all sessions
-    train_s: float = 0.0  # of which in training steps (not evaluation or saving)
-    chars_seen: int = 0
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    lr_scale: float = 1.0  # lowered after a rollback from non-finite values
-    rollbacks: int = 0
-    evals_since_best: int = 0  # for --patience
-    time_budget_s: float | None = None
-    history: list = field(default_factory=list)
-
-
-def default_run_dir(home: Path, corpus: list[Path], cfg: TrainConfig) -> Path:
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(corpus[0]).stem)[:40] or "corpus"
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = home / f"{stem}-{cfg.cell}-{cfg.layers}x{cfg.hidden}-{stamp}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
-        why = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
-        raise CheckpointError(
-            f"cannot write to {folder}: {why}; move it away or choose a writable folder with --run"
-        ) from None
-
-
-def _setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
-    """The device, and the process group when started by torchrun (one process per device or core)."""
-    device = pick_device(cfg.device)
-    dist = Dist.from_env()
-    if dist.enabled:
-        dist.check_batch(cfg.batch_size)
-        if cfg.sentiment.unit:
-            raise UsageError("--sentiment-unit runs in one process; start it without torchrun")
-        dist.setup(device.type)
-        device = dist.device(device)
-    return device, dist
+    def recent_speed(self, now: float, chars_seen: int) -> float:
+        """Characters per second since the last call."""
+        cps = (chars_seen - self.last_log_chars) / max(now - self.last_log_t, 1e-9)
+        self.last_log_t, self.last_log_chars = now, chars_seen
+        return cps
 
 
 class Trainer:
-    """One training run. Build it with `Trainer.new`, `Trainer.resume`; then call `run()`."""
+    """One training run. Build it with `Trainer.new` or `Trainer.resume`; then call `run()`."""
 
-    def __init__(self, cfg: TrainConfig, model: CharRNN, vocab: Vocab, train_data: torch.Tensor,
-                 val_data: torch.Tensor, run_dir: Path, corpus: list[Path], state: RunState,
-                 device: torch.device, callback: Callback | None = None):
-        self.cfg, self.model, self.vocab = cfg, model, vocab
-        self.train_data, self.val_data = train_data, val_data
-        self.run_dir, self.corpus, self.state, self.device = run_dir, corpus, state, device
-        self.dist = Dist.from_env()
-        self.callback = (callback or _noop) if self.dist.main else _noop
-        self.batcher = StreamBatcher(train_data, cfg.batch_size, cfg.seq_len)
-        self.rows = self.dist.shard(cfg.batch_size)  # this process's streams
+    def __init__(self, parts: Parts, callback: TrainEvents | None = None):
+        p = parts
+        self.cfg, self.corpus, self.vocab, self.state = p.cfg, p.corpus, p.vocab, p.state
+        self.train_data, self.val_data, self.folder, self.run_dir = p.train_data, p.val_data, p.folder, p.folder.path
+        self.device, self.dist, self.model, self.optimizer, self.precision = p.device, p.dist, p.model, p.optimizer, p.precision
+        self.rows, self.carry, self.objective = p.rows, p.carry, p.objective  # objective: see charrnn/objective.py
+        self.net, self.corpus_sha256 = p.net, p.corpus_sha256  # net: the model, or its DDP wrapper
+        self.events = _receiver(callback)
+        self.batcher = StreamBatcher(self.train_data, self.cfg.batch_size, self.cfg.seq_len)
         self.local_batch = self.rows.stop - self.rows.start
-        self.net = model
-        if self.dist.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            with self.dist.guard():  # DDP starts by sending rank 0's weights to every process
-                self.net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        self.amp_dtype = autocast_dtype(device)
-        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
-        self.carry = model.init_state(self.local_batch, device)
-        # What each step minimises (charrnn/objective.py): the plain language model, or the bound one
-        # of `train --sentiment-unit`; set by _attach_objective.
-        self.objective = LanguageModelObjective()
+        self.recovery = Recovery(self.cfg, self.model, self.optimizer, self.state)
         self._stop_signal: int | None = None
-        self._good: dict | None = None
-        self._last_saved_step: int | None = None
-        hook = os.environ.get(TEST_NAN_ENV, "")
-        self._nan_at = int(hook.rstrip("+")) if hook.rstrip("+").isdigit() else None
-        self._nan_always = hook.endswith("+")
-
-    # ------------------------------------------------------------ construction
+        self._last_saved_step = self.state.step if p.evaluated else None  # evaluated and saved: the end need not redo it
+        self._last_val: float | None = None
 
     @classmethod
     def new(cls, corpus: list[Path], cfg: TrainConfig, run_dir: Path | None = None,
             init_from: Path | None = None, home: Path = ckpt_mod.DEFAULT_HOME,
-            callback: Callback | None = None) -> "Trainer":
-        validate(cfg)
-        corpus = [Path(p) for p in corpus]
-        if run_dir is not None and any(Path(run_dir).glob(ckpt_mod.CKPT_GLOB)):  # readable or not: never replaced
-            raise CheckpointError(
-                f"{run_dir} already holds a run; continue it with 'charrnn train --resume {run_dir}' "
-                "or choose another --run folder"
-            )
-        init = None
-        vocab = None
-        if init_from is not None:
-            init = ckpt_mod.load(ckpt_mod.resolve(Path(init_from)))
-            vocab = Vocab(init["vocab"])
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        try:
-            data, vocab = load_corpus(corpus, vocab=vocab, errors=cfg.encoding_errors)
-        except Exception as e:
-            if init is not None and "vocabulary lacks" in str(e):
-                raise CheckpointError(
-                    f"--init-from {init_from}: {e}".replace("; train a new model on it instead", "")
-                    + "; fine-tuning needs the same characters, so train a new model instead"
-                ) from None
-            raise
-        train_data, val_data = split(data, cfg.val_frac)
-        if len(val_data) < 2:
-            raise UsageError(f"--val-frac {cfg.val_frac} holds out fewer than 2 characters of this corpus; raise it")
-        budget = cfg.time_s
-        if cfg.steps is None and cfg.epochs is None and cfg.time_s is None:
-            budget = DEFAULT_TIME_S
-        if init is not None:  # the architecture comes from the checkpoint, before resolve picks the learning
-            # rate (and anything else sized by the width) from it; its dropout too, unless one was given
-            mc = init["model_config"]
-            cfg = TrainConfig.from_dict({**cfg.to_dict(), "cell": mc["cell"], "layers": mc["layers"],
-                                         "hidden": mc["hidden"], "embed": mc["embed"],
-                                         "dropout": mc["dropout"] if cfg.dropout is None else cfg.dropout})
-        cfg = resolve(cfg, len(train_data), budget if cfg.steps is None and cfg.epochs is None else None,
-                      pick_device(cfg.device).type)
-        device, dist = _setup_distributed(cfg)
-        torch.manual_seed(cfg.seed)
-        model = CharRNN(ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout)).to(device)
-        if init is not None:
-            model.load_state_dict(init["model"])
-        state = RunState(time_budget_s=budget)
-        batcher = StreamBatcher(train_data, cfg.batch_size, cfg.seq_len)
-        if cfg.steps is not None:
-            state.total_steps = cfg.steps
-        elif cfg.epochs is not None:
-            state.total_steps = max(1, math.ceil(cfg.epochs * batcher.batches_per_epoch))
-        else:
-            # a time budget: an estimate, refined as the run measures its own speed
-            state.total_steps = 10**9
-            if cfg.time_s is None:
-                state.total_steps = DEFAULT_MAX_EPOCHS * batcher.batches_per_epoch
-        if cfg.eval_every is None and state.time_budget_s is None:
-            cfg.eval_every = max(1, min(1000, state.total_steps // 10))
-        run_dir = Path(run_dir) if run_dir is not None else default_run_dir(Path(home), corpus, cfg)
-        run_dir = Path(broadcast_object(dist, str(run_dir)))  # every process writes (through rank 0) to one folder
-        if dist.main:
-            _check_writable(run_dir)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # left by an earlier start killed before its first save
-        trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, state, device, callback)
-        trainer._attach_objective(init.get("sentiment") if init is not None else None)
-        return trainer
+            callback: TrainEvents | None = None) -> "Trainer":
+        return cls(new_run(corpus, cfg, run_dir, init_from, home, _receiver(callback)), callback)
 
     @classmethod
-    def resume(cls, run_dir: Path, callback: Callback | None = None, threads: int | None = None,
-               device: str | None = None) -> "Trainer":
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise CheckpointError(f"cannot resume: no run folder at {run_dir}")
-        infos = ckpt_mod.list_checkpoints(run_dir)
-        if not infos:
-            raise CheckpointError(
-                f"cannot resume: no checkpoints in {run_dir} (not a run folder, or the run stopped before its first save); "
-                "start it again with 'charrnn train CORPUS --run " + str(run_dir) + "'"
-            )
-        ckpt_mod.clean_temp_files(run_dir)
-        ck = None
-        for info in reversed(infos):  # the newest readable checkpoint
-            try:
-                ck = ckpt_mod.load(info.path)
-                break
-            except CheckpointError:
-                continue
-        if ck is None:
-            raise CheckpointError(f"cannot resume: no readable checkpoint in {run_dir}")
-        cfg = TrainConfig.from_dict(ck["train"]["config"])
-        if threads:
-            cfg.threads = threads
-        if device:
-            cfg.device = device
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        corpus = [Path(p) for p in ck["train"]["corpus"]]
-        for p in corpus:
-            if not p.exists():
-                raise CheckpointError(f"cannot resume: the run's corpus file {p} is gone (put it back at that path)")
-        vocab = Vocab(ck["vocab"])
-        data, _ = load_corpus(corpus, vocab=vocab, errors=cfg.encoding_errors)
-        train_data, val_data = split(data, cfg.val_frac)
-        dev, dist = _setup_distributed(cfg)
-        model = CharRNN(ModelConfig(**ck["model_config"])).to(dev)
-        model.load_state_dict(ck["model"])
-        st = RunState(**ck["train"]["state"])
-        trainer = cls(cfg, model, vocab, train_data, val_data, run_dir, corpus, st, dev, callback)
-        trainer.optimizer.load_state_dict(ck["optimizer"])
-        if trainer.scaler is not None and ck.get("scaler"):  # fp16: the loss scale it had reached, so resume is exact
-            trainer.scaler.load_state_dict(ck["scaler"])
-        # the carried state of all B streams; this process takes its rows (the process count may differ)
-        trainer.carry = tuple(s[:, trainer.rows].contiguous().to(dev) for s in ck["train"]["carry"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if dev.type == "cuda" and ck["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        trainer._attach_objective(ck.get("sentiment"))
-        if dist.main:
-            trainer._truncate_metrics(st.step)
-        if ck.get("val_loss") is not None:
-            trainer._last_saved_step = st.step  # already evaluated and saved: the end need not redo it
-        return trainer
-
-    def _attach_objective(self, record: dict | None) -> None:
-        """The run's objective: bound when it asks for it (SentimentConfig.unit), else the plain one.
-        `record` is the unit record of the checkpoint the run starts from: carried into this run's
-        checkpoints, or continued by the binding."""
-        from charrnn.neuron.steer import upgrade_record
-
-        record = upgrade_record(record) or None
-        if not self.cfg.sentiment.unit:
-            self.objective = LanguageModelObjective(record)
-            return
-        from charrnn.neuron.bind import BoundObjective
-
-        self.objective = BoundObjective(self.model, self.cfg, self.corpus, self.train_data,
-                                        len(self.train_data) + len(self.val_data), self.vocab.stoi.get("\n"), record)
-
-    # ------------------------------------------------------------ checkpoints and metrics
-
-    def payload(self, val_loss: float | None) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = dict(self.state.__dict__)
-        record = self.objective.record()  # the unit record: bound here, or carried from the checkpoint
-        return {
-            "model_config": self.model.config.to_dict(),
-            "vocab": self.vocab.chars,
-            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng": rng,
-            "val_loss": val_loss,
-            "train": {
-                "config": self.cfg.to_dict(),
-                "corpus": [str(p.resolve()) for p in self.corpus],
-                "state": state,
-                "step": self.state.step,
-                "carry": tuple(s.detach().cpu() for s in self._full_carry),
-            },
-            **({"sentiment": record} if record else {}),
-            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
-        }
-
-    def save(self, val_loss: float | None) -> Path:
-        """Save this step's checkpoint (atomically), then delete those beyond the best and the --keep newest.
-
-        A checkpoint already on disk for this step is kept as it is, unless it lacks a validation
-        loss that this save has (the same weights, evaluated): files are replaced, never rewritten.
-        """
-        path = self.run_dir / ckpt_mod.ckpt_name(self.state.step)
-        self._full_carry = self.dist.gather_rows(self.carry)  # collective: every process takes part
-        if not self.dist.main:
-            return path
-        if path.exists():
-            try:
-                old = ckpt_mod.info(path)
-                if old.val_loss is not None or val_loss is None:
-                    return path
-            except CheckpointError:
-                pass  # unreadable: replace it
-        try:
-            size = ckpt_mod.save(path, self.payload(val_loss))
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}; then continue with 'charrnn train --resume {self.run_dir}'") from None
-        mc = self.model.config
-        try:
-            ckpt_mod.write_sidecar(path, self.state.step, val_loss,
-                                   {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden})
-            removed = ckpt_mod.rotate(self.run_dir, self.cfg.keep)
-        except OSError as e:
-            raise CheckpointError(
-                f"saved {path} but could not update {self.run_dir}: {e.strerror or e}; free some disk space, "
-                f"then continue with 'charrnn train --resume {self.run_dir}'"
-            ) from None
-        self.callback("save", {"path": str(path), "size": size, "removed": [str(i.path) for i in removed]})
-        return path
-
-    def _metrics(self, record: dict) -> None:
-        if not self.dist.main:
-            return
-        try:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise CheckpointError(
-                f"could not write {self.run_dir / 'metrics.jsonl'}: {e.strerror or e}; the checkpoints "
-                f"saved so far are kept; free some disk space and continue with 'charrnn train --resume {self.run_dir}'"
-            ) from None
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics lines past the checkpoint being resumed, which the resumed run will redo."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except (ValueError, AttributeError):
-                continue  # a line cut short by a kill
-        try:
-            ckpt_mod.atomic_write_text(path, "".join(l + "\n" for l in kept))
-        except OSError as e:
-            raise CheckpointError(
-                f"cannot resume: {self.run_dir} is not writable ({e.strerror or e}); free some space or make it "
-                "writable, then run the same command again"
-            ) from None
-
-    # ------------------------------------------------------------ signals
-
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
+    def resume(cls, run_dir: Path, callback: TrainEvents | None = None, threads: int | None = None,
+               device: str | None = None, allow_changed_corpus: bool = False) -> "Trainer":
+        """Continue a run from its newest readable checkpoint (see assemble.resumed_run)."""
+        return cls(resumed_run(run_dir, threads, device, allow_changed_corpus, _receiver(callback)), callback)
 
     # ------------------------------------------------------------ the loop
 
-    def _snapshot(self) -> None:
-        """Remember the last good state in memory, for rollback after non-finite values."""
-        self._good = {
-            "model": copy.deepcopy(self.model.state_dict()),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-            "carry": tuple(s.clone() for s in self.carry),
-            "step": self.state.step,
-        }
-
-    def _restore_good(self) -> None:
-        """Put the last good in-memory state (weights, optimiser, carried state, step) back in place."""
-        self.model.load_state_dict(self._good["model"])
-        self.optimizer.load_state_dict(self._good["optimizer"])
-        self.carry = tuple(s.clone() for s in self._good["carry"])
-        self.state.step = self._good["step"]
-
-    def _rollback(self) -> None:
-        """Go back to the last good in-memory state with half the learning rate, or give up (and save it)."""
-        st = self.state
-        bad_step = st.step
-        self._restore_good()
-        if st.rollbacks >= MAX_ROLLBACKS:
-            path = self.save(None)  # the last good state, if it is not on disk already
-            raise TrainingDiverged(
-                f"training diverged at step {bad_step} (loss or gradients not finite or exploding) and did not "
-                f"recover after {st.rollbacks} rollbacks with the learning rate halved each time; the last good "
-                f"state (step {st.step}) is saved in {path}; start again from it with a lower learning rate, e.g. "
-                f"'charrnn train CORPUS --init-from {path} --lr {self.cfg.lr * st.lr_scale / 10:.2g}"
-                + (" --grad-clip 1'" if self.cfg.grad_clip == 0 else "'")
-            )
-        st.rollbacks += 1
-        st.lr_scale *= 0.5
-        self.callback("warn", {"message": f"step {bad_step}: {MAX_BAD_STEPS} bad steps in a row; rolled back to "
-                                          f"step {st.step} (the last good state) and halved the learning rate "
-                                          f"(now {self.cfg.lr * st.lr_scale:.3g})"})
-
-    def _test_poison(self) -> None:
-        """The test-only $CHARRNN_TEST_NAN_AT hook: a NaN in one weight, as a real overflow would leave."""
-        if self._nan_at is not None and self.state.step == self._nan_at:
-            with torch.no_grad():
-                next(self.model.parameters()).view(-1)[0] = float("nan")
-            if not self._nan_always:
-                self._nan_at = None
-
-    def _train_step(self) -> tuple[float, float, str | None]:
-        """One optimiser step. Returns (loss, grad norm, problem); on a problem nothing is updated."""
-        cfg, st = self.cfg, self.state
-        x, y, epoch_start = self.batcher.get(st.step)
-        x, y = x[self.rows], y[self.rows]  # (b, T): this process's streams
-        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if epoch_start:
-            self.carry = self.model.init_state(self.local_batch, self.device)
-        lr = lr_at(st.step, st.total_steps, cfg, st.lr_scale)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self._test_poison()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            self.carry = self.objective.before_step(st.step, self.carry)
-            loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
-        self.optimizer.zero_grad(set_to_none=True)
-        with self.dist.guard():  # under torchrun, DDP averages the gradients over the processes here
-            if self.scaler is not None:
-                self.scaler.scale(objective).backward()
-                self.scaler.unscale_(self.optimizer)
-            else:
-                objective.backward()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        loss_v, norm_v = loss.item(), norm.item()
-        if self.dist.enabled:  # every process must take the same decision: judge the mean loss
-            loss_v = self.dist.sum([loss_v])[0] / self.dist.world
-        if not math.isfinite(loss_v):
-            return loss_v, norm_v, "non-finite loss"
-        if loss_v > EXPLODE_FACTOR * math.log(max(len(self.vocab), 2)):
-            return loss_v, norm_v, f"exploding loss ({loss_v:.3g} nats/char)"
-        if not math.isfinite(norm_v):
-            if self.scaler is None:
-                return loss_v, norm_v, "non-finite gradient"
-            # fp16 overflow: GradScaler skips this update and lowers its scale, as designed
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.carry = self.model.detach_state(carry)
-        return loss_v, norm_v, None
-
-    def _estimate_total(self, t_start: float, step_start: int) -> None:
-        """For a time budget: set the schedule's length from the speed measured so far."""
-        st = self.state
-        done = st.step - step_start
-        spent = time.perf_counter() - t_start
-        if done < 5 or spent <= 0:
-            return
-        left = st.time_budget_s - st.elapsed_s
-        st.total_steps = max(st.step + 1, st.step + int(left * done / spent))
-        if self.cfg.eval_every is None:
-            self.cfg.eval_every = max(10, (st.total_steps - st.step) // 10)
-        if self.dist.enabled:  # rank 0's estimate, on every process
-            total, every = self.dist.broadcast([float(st.total_steps), float(self.cfg.eval_every)])
-            st.total_steps, self.cfg.eval_every = int(total), int(every)
-
-    def _evaluate(self) -> float:
-        loss, _ = evaluate(self.model, self.val_data, self.cfg.eval_chars, device=self.device, dist=self.dist)
-        return loss
-
     def run(self) -> dict:
-        """Train to the end of the run (or a signal), evaluating and saving on the way; returns a summary.
+        """Train to the end of the run (or a signal), evaluating and saving on the way; returns EndEvent's fields.
 
         SIGINT and SIGTERM stop the loop at the next step boundary; the run then saves and returns
         with reason "interrupted". The handlers stay installed until the last save is on disk.
@@ -578,137 +109,197 @@ class Trainer:
                 pass
         ok = False
         try:
-            result = self._run()
+            end = self._run()
             ok = True
-            return result
+            return asdict(end)
         except DistributedError as e:  # another process failed: say how to go on from what is saved
-            raise DistributedError(f"{e}; {self._resume_hint()}") from None
+            raise DistributedError(f"{e}; {self.folder.resume_hint()}") from None
         finally:
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
             self.dist.close(ok)
+            self.folder.release()  # the run folder's lock, held since the run was built
 
-    def _resume_hint(self) -> str:
-        if ckpt_mod.list_checkpoints(self.run_dir):
-            return f"the checkpoints saved so far are kept; continue with 'charrnn train --resume {self.run_dir}'"
-        return "no checkpoint was saved yet; start the run again"
-
-    def _run(self) -> dict:
-        cfg, st = self.cfg, self.state
+    def _run(self) -> EndEvent:
+        st = self.state
         self.model.train()
-        timed = st.time_budget_s is not None and cfg.steps is None and cfg.epochs is None
-        self.callback("start", {
-            "run_dir": str(self.run_dir), "params": self.model.num_params(), "config": cfg.to_dict(),
-            "train_chars": len(self.train_data), "val_chars": len(self.val_data), "vocab_size": len(self.vocab),
-            "total_steps": st.total_steps, "time_budget_s": st.time_budget_s if timed else None,
-            "device": str(self.device), "resumed_from": st.step or None,
-        })
-        t_session = time.perf_counter()
-        elapsed_base = st.elapsed_s
-        step_start = st.step
-        bad = 0
-        last_val = None
-        last_log_t, last_log_chars = time.perf_counter(), st.chars_seen
-        chars_per_step = cfg.batch_size * cfg.seq_len
-        self._snapshot()
-        reason = "done"
+        self.events.on_start(self._start_event())
+        session = _Session(st)
+        self.recovery.snapshot(self.carry)
         while True:
-            st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
-            out_of_time = timed and st.elapsed_s >= st.time_budget_s
-            stop = self._stop_signal is not None
-            if self.dist.enabled:  # all processes stop together
-                out_of_time, stop = (bool(v) for v in self.dist.max([float(out_of_time), float(stop)]))
-                if stop and self._stop_signal is None:
-                    self._stop_signal = signal.SIGTERM
-            if st.step >= st.total_steps or out_of_time:
+            reason = self._stop_reason(session)
+            if reason is not None:
                 break
-            if stop:
-                reason = "interrupted"
-                break
-            t0 = time.perf_counter()
-            loss_v, norm_v, problem = self._train_step()
-            st.train_s += time.perf_counter() - t0
-            if problem is not None:
-                bad += 1
-                self.callback("warn", {"message": f"step {st.step}: {problem}, step skipped"})
-                if bad >= MAX_BAD_STEPS:
-                    self._rollback()
-                    bad = 0
-                else:
-                    st.step += 1  # skip this batch
+            result = self._timed_step()
+            if result is None:  # a bad step: skipped, or rolled back
                 continue
-            bad = 0
-            st.step += 1
-            st.chars_seen += chars_per_step
-            if timed and (st.step - step_start in (20, 100) or (cfg.eval_every and st.step % cfg.eval_every == 0)):
-                self._estimate_total(t_session, step_start)
+            if st.timed:
+                self._estimate_total(session)
             if st.step % LOG_EVERY == 0 or st.step == st.total_steps:
-                now = time.perf_counter()
-                rec = {
-                    "step": st.step, "elapsed_s": round(elapsed_base + now - t_session, 3),
-                    "chars_per_s": round(st.chars_seen / max(st.train_s, 1e-9), 1),
-                    "loss": round(loss_v, 5), "lr": lr_at(st.step - 1, st.total_steps, cfg, st.lr_scale),
-                    "grad_norm": round(norm_v, 5) if math.isfinite(norm_v) else None,
-                }
-                self._metrics(rec)
-                self.callback("step", {**rec, "total_steps": st.total_steps, "grad_norm": rec["grad_norm"] or 0.0,
-                                       "recent_chars_per_s": (st.chars_seen - last_log_chars) / max(now - last_log_t, 1e-9),
-                                       "time_budget_s": st.time_budget_s if timed else None})
-                last_log_t, last_log_chars = now, st.chars_seen
-            if (cfg.eval_every and st.step % cfg.eval_every == 0) or st.step >= st.total_steps:
-                # the last evaluation happens in the loop too, so a rollback there trains on
-                last_val = self._eval_and_save(elapsed_base, t_session)
-                if cfg.patience and st.evals_since_best >= cfg.patience and st.step < st.total_steps:
+                self._report_step(session, *result)
+            if st.eval_due():  # the last evaluation happens in the loop too, so a rollback there trains on
+                self._eval_and_save(session)
+                if st.out_of_patience(self.cfg.patience):
                     reason = "early stop"
                     break
-        st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
-        if reason == "interrupted":
-            # stopped inside a streak of bad steps, or right after a step that left NaN weights (its own
-            # loss was finite; the next one's would not be): save the last good state, not these weights
-            if bad or not all(torch.isfinite(p).all() for p in self.model.parameters()):
-                self._restore_good()
-            path = self.save(None)  # a no-op when this step was just evaluated and saved
-            self.callback("end", {"reason": reason, "signal": self._stop_signal, "step": st.step, "path": str(path),
-                                  "run_dir": str(self.run_dir), "best_val_loss": st.best_val_loss})
-            return {"reason": reason, "signal": self._stop_signal, "step": st.step, "run_dir": self.run_dir,
-                    "best_val_loss": st.best_val_loss, "val_loss": None}
-        if st.step != self._last_saved_step:  # a time budget ran out between evaluations
-            final_step = st.step
-            last_val = self._eval_and_save(elapsed_base, t_session)
-            if not math.isfinite(last_val):  # rolled back, with no time left to train on
-                path = self.save(None)  # the last good state, if it is not on disk already
-                raise TrainingDiverged(
-                    f"the final evaluation (step {final_step}) was not finite: the weights diverged "
-                    f"after the last good state (step {st.step}), saved in {path}; continue from it with a lower "
-                    f"learning rate, e.g. 'charrnn train CORPUS --init-from {path} --lr {self.cfg.lr * st.lr_scale:.2g}'")
-        summary = {
-            "reason": reason, "patience": cfg.patience, "step": st.step, "run_dir": self.run_dir, "val_loss": last_val,
-            "best_val_loss": st.best_val_loss, "best_step": st.best_step, "elapsed_s": st.elapsed_s,
-            "chars_per_s": st.chars_seen / max(st.train_s, 1e-9), "params": self.model.num_params(),
-        }
-        self.callback("end", {**summary, "run_dir": str(self.run_dir)})
-        return summary
+        return self._finish(reason, session)
 
-    def _eval_and_save(self, elapsed_base: float, t_session: float) -> float:
+    def _stop_reason(self, session: _Session) -> str | None:
+        """"done" at the schedule's end or the budget's, "interrupted" after a signal, else None."""
         st = self.state
-        val = self._evaluate()
-        if not math.isfinite(val):
-            self.callback("warn", {"message": f"step {st.step}: validation loss is not finite; rolling back"})
-            self._rollback()
-            return float("nan")
-        improved = st.best_val_loss is None or val < st.best_val_loss
-        if improved:
-            st.best_val_loss, st.best_step = val, st.step
-            st.evals_since_best = 0
+        st.elapsed_s = session.elapsed()
+        out_of_time = st.timed and st.elapsed_s >= st.time_budget_s
+        stop = self._stop_signal is not None
+        if self.dist.enabled:  # all processes stop together
+            out_of_time, stop = (bool(v) for v in self.dist.max([float(out_of_time), float(stop)]))
+            if stop and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM
+        if st.step >= st.total_steps or out_of_time:
+            return "done"
+        return "interrupted" if stop else None
+
+    def _timed_step(self) -> tuple[float, float] | None:
+        """One step, its time counted; (loss, grad norm), or None when the step was bad."""
+        st = self.state
+        t0 = time.perf_counter()
+        loss, norm, problem = self._train_step()
+        st.train_s += time.perf_counter() - t0
+        if problem is None:
+            self.recovery.step_ok()
+            st.step += 1
+            st.chars_seen += self.cfg.batch_size * self.cfg.seq_len
+            return loss, norm
+        self._warn(f"step {st.step}: {problem}, step skipped")
+        if self.recovery.step_bad():
+            self._roll_back()
         else:
-            st.evals_since_best += 1
-        st.elapsed_s = elapsed_base + (time.perf_counter() - t_session)
-        rec = {"step": st.step, "elapsed_s": round(st.elapsed_s, 3),
-               "chars_per_s": round(st.chars_seen / max(st.train_s, 1e-9), 1),
+            st.step += 1  # skip this batch
+        return None
+
+    def _train_step(self) -> tuple[float, float, str | None]:
+        """One optimiser step. Returns (loss, grad norm, problem); on a problem nothing is updated."""
+        cfg, st = self.cfg, self.state
+        x, y, epoch_start = self.batcher.get(st.step)
+        x, y = x[self.rows], y[self.rows]  # (b, T): this process's streams
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if epoch_start:
+            self.carry = self.model.init_state(self.local_batch, self.device)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr_at(st.step, st.total_steps, cfg, st.lr_scale)
+        self.recovery.poison(self.model, st.step)
+        with self.precision.autocast():
+            self.carry = self.objective.before_step(st.step, self.carry)
+            loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.dist.guard():  # under torchrun, DDP averages the gradients over the processes here
+            self.precision.backward(objective, self.optimizer)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_v, norm_v = loss.item(), norm.item()
+        if self.dist.enabled:  # every process must take the same decision: judge the mean loss
+            loss_v = self.dist.sum([loss_v])[0] / self.dist.world
+        problem = judge(loss_v, norm_v, len(self.vocab), self.precision.skips_overflow)
+        if problem is None:
+            self.precision.step(self.optimizer)
+            self.carry = self.model.detach_state(carry)
+        return loss_v, norm_v, problem
+
+    def _roll_back(self) -> None:
+        """To the last good state with half the learning rate (or, after too many, save it and give up)."""
+        bad_step = self.state.step
+        self.carry = self.recovery.restore()
+        self._warn(self.recovery.halve_lr(bad_step, save=lambda: self.save(None)))
+
+    def _estimate_total(self, session: _Session) -> None:
+        """For a time budget: fit the schedule's length to the speed measured so far (after 20 and 100
+        steps of this session, then at every evaluation)."""
+        st = self.state
+        done = st.step - session.step0
+        if not (done in (20, 100) or (st.eval_every and st.step % st.eval_every == 0)):
+            return
+        if st.fit_to_budget(done, time.perf_counter() - session.t0) and self.dist.enabled:
+            total, every = self.dist.broadcast([float(st.total_steps), float(st.eval_every)])  # rank 0's, everywhere
+            st.total_steps, st.eval_every = int(total), int(every)
+
+    # ------------------------------------------------------------ reporting, evaluation, saving
+
+    def _warn(self, message: str) -> None:
+        self.events.on_warn(WarnEvent(message))
+
+    def _speed(self) -> float:
+        return round(self.state.chars_seen / max(self.state.train_s, 1e-9), 1)
+
+    def _start_event(self) -> StartEvent:
+        st = self.state
+        return StartEvent(
+            run_dir=self.run_dir, params=self.model.num_params(), config=self.cfg, train_chars=len(self.train_data),
+            val_chars=len(self.val_data), vocab_size=len(self.vocab), total_steps=st.total_steps,
+            time_budget_s=st.time_budget_s, device=str(self.device), resumed_from=st.step or None,
+        )
+
+    def _report_step(self, session: _Session, loss: float, norm: float) -> None:
+        st = self.state
+        now = time.perf_counter()
+        rec = {
+            "step": st.step, "elapsed_s": round(session.elapsed(now), 3), "chars_per_s": self._speed(),
+            "loss": round(loss, 5), "lr": lr_at(st.step - 1, st.total_steps, self.cfg, st.lr_scale),
+            "grad_norm": round(norm, 5) if math.isfinite(norm) else None,
+        }
+        self.folder.append_metrics(rec)
+        self.events.on_step(StepEvent(**{**rec, "grad_norm": rec["grad_norm"] or 0.0}, total_steps=st.total_steps,
+                                      recent_chars_per_s=session.recent_speed(now, st.chars_seen),
+                                      time_budget_s=st.time_budget_s))
+
+    def _eval_and_save(self, session: _Session) -> None:
+        st = self.state
+        val, _ = evaluate(self.model, self.val_data, self.cfg.eval_chars, device=self.device, dist=self.dist)
+        if not math.isfinite(val):
+            self._warn(f"step {st.step}: validation loss is not finite; rolling back")
+            self._roll_back()
+            self._last_val = float("nan")
+            return
+        best = st.record_eval(val)
+        st.elapsed_s = session.elapsed()
+        rec = {"step": st.step, "elapsed_s": round(st.elapsed_s, 3), "chars_per_s": self._speed(),
                "val_loss": val, "val_bpc": val / math.log(2)}
-        self._metrics(rec)
-        self.callback("eval", {**rec, "best": improved, "total_steps": st.total_steps})
+        self.folder.append_metrics(rec)
+        self.events.on_eval(EvalEvent(**rec, best=best, total_steps=st.total_steps))
         self.save(val)
-        self._last_saved_step = st.step
-        self._snapshot()
-        return val
+        self._last_saved_step, self._last_val = st.step, val
+        self.recovery.snapshot(self.carry)
+
+    def save(self, val_loss: float | None) -> Path:
+        """Save this step's checkpoint (see RunFolder.save); returns its path."""
+        step, mc = self.state.step, self.model.config
+        carry = self.dist.gather_rows(self.carry)  # collective: every process takes part
+        event = self.folder.save(step, val_loss, lambda: payload(self, val_loss, carry), self.cfg.keep,
+                                 {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden})
+        if event is not None:
+            self.events.on_save(event)
+        return self.folder.checkpoint_path(step)
+
+    def _finish(self, reason: str, session: _Session) -> EndEvent:
+        st = self.state
+        st.elapsed_s = session.elapsed()
+        path = None
+        if reason == "interrupted":
+            if self.recovery.unsafe_to_save():  # stopped inside a streak of bad steps: save the last good state
+                self.carry = self.recovery.restore()
+            path = self.save(None)  # a no-op when this step was just evaluated and saved
+        elif st.step != self._last_saved_step:  # a time budget ran out between evaluations
+            final_step = st.step
+            self._eval_and_save(session)
+            if not math.isfinite(self._last_val):  # rolled back, with no time left to train on
+                raise self.recovery.final_diverged(final_step, self.save(None))
+        end = EndEvent(
+            reason=reason, step=st.step, run_dir=self.run_dir,
+            val_loss=None if reason == "interrupted" else self._last_val, best_val_loss=st.best_val_loss,
+            best_step=st.best_step, elapsed_s=st.elapsed_s, chars_per_s=st.chars_seen / max(st.train_s, 1e-9),
+            params=self.model.num_params(), patience=self.cfg.patience,
+            signal=self._stop_signal if reason == "interrupted" else None, path=path,
+        )
+        self.events.on_end(end)
+        return end
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum

@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
+
 err = Console(stderr=True, highlight=False)
 
 
@@ -50,8 +52,8 @@ def fmt_size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
-class TrainDisplay:
-    """The training callback: a progress bar on a terminal, plain evaluation lines otherwise."""
+class TrainDisplay(TrainEvents):
+    """The training events' receiver: a progress bar on a terminal, plain evaluation lines otherwise."""
 
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -70,60 +72,56 @@ class TrainDisplay:
             transient=False,
         )
 
-    def __call__(self, event: str, d: dict) -> None:
-        getattr(self, f"on_{event}", lambda d: None)(d)
-
-    def on_start(self, d: dict) -> None:
-        c = d["config"]
-        what = "resuming" if d.get("resumed_from") else "training"
-        length = (f"{fmt_duration(d['time_budget_s'])} budget" if d.get("time_budget_s")
-                  else f"{d['total_steps']} steps")
-        info(f"{what} {c['cell']} {c['layers']}x{c['hidden']} ({d['params'] / 1e6:.2f}M params) on "
-             f"{d['train_chars']:,} chars (val {d['val_chars']:,}, vocab {d['vocab_size']}), "
-             f"seq {c['seq_len']} x batch {c['batch_size']}, {length}, {d['device']}", self.quiet)
-        info(f"run folder: {d['run_dir']}", self.quiet)
+    def on_start(self, e: StartEvent) -> None:
+        c = e.config
+        what = "resuming" if e.resumed_from else "training"
+        length = f"{fmt_duration(e.time_budget_s)} budget" if e.time_budget_s else f"{e.total_steps} steps"
+        info(f"{what} {c.cell} {c.layers}x{c.hidden} ({e.params / 1e6:.2f}M params) on "
+             f"{e.train_chars:,} chars (val {e.val_chars:,}, vocab {e.vocab_size}), "
+             f"seq {c.seq_len} x batch {c.batch_size}, {length}, {e.device}", self.quiet)
+        info(f"run folder: {e.run_dir}", self.quiet)
         if self.live:
             self.progress = self._bar()
             self.progress.start()
-            self.task = self.progress.add_task("train", total=d["total_steps"], completed=d.get("resumed_from") or 0,
+            self.task = self.progress.add_task("train", total=e.total_steps, completed=e.resumed_from or 0,
                                                loss=float("nan"), bpc=float("nan"), val="-", cps=0.0, gnorm=0.0)
 
-    def on_step(self, d: dict) -> None:
+    def on_step(self, e: StepEvent) -> None:
         if self.progress is not None:
-            total = d["total_steps"] if d["total_steps"] < 10**8 else None
-            self.progress.update(self.task, completed=d["step"], total=total, loss=d["loss"],
-                                 bpc=d["loss"] / math.log(2), cps=d["recent_chars_per_s"], gnorm=d["grad_norm"])
+            total = e.total_steps if e.total_steps < 10**8 else None
+            self.progress.update(self.task, completed=e.step, total=total, loss=e.loss,
+                                 bpc=e.loss / math.log(2), cps=e.recent_chars_per_s, gnorm=e.grad_norm)
 
-    def on_eval(self, d: dict) -> None:
-        mark = " (best)" if d["best"] else ""
-        line = (f"step {d['step']:>6}  val loss {d['val_loss']:.4f}  val bpc {d['val_bpc']:.4f}  "
-                f"{d['chars_per_s']:,.0f} chars/s  {fmt_duration(d['elapsed_s'])}{mark}")
+    def on_eval(self, e: EvalEvent) -> None:
+        mark = " (best)" if e.best else ""
+        line = (f"step {e.step:>6}  val loss {e.val_loss:.4f}  val bpc {e.val_bpc:.4f}  "
+                f"{e.chars_per_s:,.0f} chars/s  {fmt_duration(e.elapsed_s)}{mark}")
         if self.progress is not None:
-            self.progress.update(self.task, val=f"{d['val_loss']:.3f}")
+            self.progress.update(self.task, val=f"{e.val_loss:.3f}")
             self.progress.console.print(line)
         else:
             info(line, self.quiet)
 
-    def on_warn(self, d: dict) -> None:
+    def on_warn(self, e: WarnEvent) -> None:
         if self.progress is not None:
-            self.progress.console.print(f"[yellow]warning:[/] {d['message']}")
+            self.progress.console.print(f"[yellow]warning:[/] {e.message}")
         else:
-            warn(d["message"])
+            warn(e.message)
 
-    def on_end(self, d: dict) -> None:
+    def on_end(self, e: EndEvent) -> None:
         self.close()
-        if d["reason"] == "interrupted":
-            info(f"stopped by signal at step {d['step']}; saved {d['path']}. "
-                 f"Continue with: charrnn train --resume {d['run_dir']}", False)
+        if e.reason == "interrupted":
+            info(f"stopped by signal at step {e.step}; saved {e.path}. "
+                 f"Continue with: charrnn train --resume {e.run_dir}", False)
             return
-        best = d.get("best_val_loss")
-        if d["reason"] == "early stop":
-            info(f"stopped early: no better validation loss in the last {d['patience']} evaluations "
+        best = e.best_val_loss
+        if e.reason == "early stop":
+            info(f"stopped early: no better validation loss in the last {e.patience} evaluations "
                  "(the model had begun to overfit; --patience 0 trains to the end)", self.quiet)
-        best_txt = f"{best:.4f} nats/char ({best / math.log(2):.4f} bpc) at step {d['best_step']}" if best else "-"
-        info(f"done: {d['step']} steps in {fmt_duration(d['elapsed_s'])}, {d['chars_per_s']:,.0f} chars/s; "
+        best_txt = f"{best:.4f} nats/char ({best / math.log(2):.4f} bpc) at step {e.best_step}" if best else "-"
+        info(f"done: {e.step} steps in {fmt_duration(e.elapsed_s)}, {e.chars_per_s:,.0f} chars/s; "
              f"best val loss {best_txt}", self.quiet)
-        info(f"sample it: charrnn sample {d['run_dir']} --temp 0.8", self.quiet)
+        info(f"sample it: charrnn sample {e.run_dir} --temp 0.8", self.quiet)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -351,3 +349,27 @@ def unit_text(text: str, colors: list[tuple[int, int, int]], legend: str) -> Non
     console = err if err.is_terminal else Console(stderr=True, width=160, no_color=True)
     console.print(out, soft_wrap=True)
     info(legend)
+
+
+def fmt_age(t: float) -> str:
+    """How long ago a moment was: '3 min ago', '2 h ago', '5 days ago'."""
+    import time
+
+    s = max(0.0, time.time() - t)
+    if s < 3600:
+        return f"{int(s // 60)} min ago"
+    return f"{int(s // 3600)} h ago" if s < 86400 else f"{int(s // 86400)} days ago"
+
+
+def cache_table(title: str, rows: list[dict]) -> None:
+    """The encoded-corpus cache: one row per cached file."""
+    t = Table(title=f"corpus cache: {title}", title_justify="left")
+    for col, just in (("from file", "left"), ("characters", "right"), ("vocab", "right"), ("disk", "right"),
+                      ("last used", "left")):
+        t.add_column(col, justify=just)
+    for r in rows:
+        old = "" if r["current"] else " (older charrnn; not used)"
+        t.add_row(r["source"] + old, "-" if r["chars"] is None else f"{r['chars']:,}",
+                  "-" if r["vocab_size"] is None else str(r["vocab_size"]), fmt_size(r["bytes"]),
+                  fmt_age(r["last_used"]))
+    _print_table(t)

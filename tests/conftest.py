@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from charrnn.events import TrainEvents
+
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "corpora"
 
 
@@ -49,6 +51,31 @@ def run_cli(*args: str):
     from charrnn.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+class Recorder(TrainEvents):
+    """A training-events receiver that keeps every event as (name, event), in order."""
+
+    def __init__(self):
+        self.events: list = []
+
+    def on_start(self, e):
+        self.events.append(("start", e))
+
+    def on_step(self, e):
+        self.events.append(("step", e))
+
+    def on_eval(self, e):
+        self.events.append(("eval", e))
+
+    def on_save(self, e):
+        self.events.append(("save", e))
+
+    def on_warn(self, e):
+        self.events.append(("warn", e))
+
+    def on_end(self, e):
+        self.events.append(("end", e))
 
 
 TINY = ["--hidden", "32", "--layers", "1", "--seq-len", "16", "--batch-size", "8", "-q"]

@@ -1,11 +1,12 @@
 """Corpus reading, vocabulary, cache and the stream batcher."""
 
+import hashlib
 import os
 
 import pytest
 import torch
 
-from charrnn.data import StreamBatcher, Vocab, encode_file, load_corpus, read_labeled, split
+from charrnn.data import StreamBatcher, Vocab, encode, encode_file, is_labeled, load_corpus, read_labeled, split
 from charrnn.errors import DataError
 
 
@@ -116,3 +117,50 @@ def test_stream_batcher_streams_are_contiguous():
 def test_stream_batcher_rejects_too_short_corpus():
     with pytest.raises(DataError, match="fewer than one batch"):
         StreamBatcher(torch.arange(50), batch_size=8, seq_len=16)
+
+
+def test_a_rewrite_keeping_size_and_mtime_is_encoded_again(tmp_path):
+    """`cp -p`, `rsync -t`, `touch -r` or a rewrite within one clock tick keep size and mtime; the
+    cache is keyed on the bytes, so the new text is used."""
+    p = tmp_path / "t.txt"
+    p.write_text("the old text\n")
+    st = p.stat()
+    ids, vocab = encode_file(p)
+    assert vocab.decode(ids.tolist()) == "the old text\n"
+    p.write_text("the new text\n")  # same size
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert p.stat().st_size == st.st_size and p.stat().st_mtime_ns == st.st_mtime_ns
+    ids, vocab = encode_file(p)
+    assert vocab.decode(ids.tolist()) == "the new text\n"
+
+
+def test_the_cache_is_keyed_on_content_not_path(tmp_path):
+    import shutil
+
+    a = tmp_path / "a.txt"
+    a.write_text("same bytes in two places\n")
+    first = encode(a)
+    b = tmp_path / "sub" / "b.txt"
+    b.parent.mkdir()
+    shutil.copy2(a, b)
+    second = encode(b)
+    assert first.sha256 == second.sha256 == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert len(list((tmp_path / ".cache").glob("*.bin"))) == 1  # the copy was served from the first's entry
+    assert torch.equal(first.ids, second.ids)
+
+
+def test_a_leading_byte_order_mark_is_dropped(tmp_path):
+    plain = tmp_path / "bom.txt"
+    plain.write_bytes("\ufeffhello world\n".encode())
+    ids, vocab = encode_file(plain)
+    assert vocab.decode(ids.tolist()) == "hello world\n" and "\ufeff" not in vocab.chars
+    tsv = tmp_path / "bom.tsv"
+    tsv.write_bytes("\ufefflabel\ttext\n1\tgreat film\n0\tawful\n".encode())
+    assert is_labeled(tsv)
+    assert read_labeled(tsv).texts == ["great film", "awful"]
+    ids, vocab = load_corpus([tsv])
+    assert vocab.decode(ids.tolist()) == "great film\nawful\n"
+    only = tmp_path / "only_bom.txt"
+    only.write_bytes("\ufeff".encode())
+    with pytest.raises(DataError, match="no text"):
+        encode_file(only)

@@ -12,11 +12,13 @@ import time
 import pytest
 import torch
 
-import charrnn.train as train_mod
+import charrnn.device as device_mod
 from charrnn import checkpoint as ckm
 from charrnn.config import BASE_LR, TrainConfig
 from charrnn.errors import TrainingDiverged
-from charrnn.train import TEST_NAN_ENV, Trainer
+from charrnn.events import TrainEvents
+from charrnn.recovery import TEST_NAN_ENV
+from charrnn.train import Trainer
 from conftest import TINY, run_cli
 
 SMALL = dict(hidden=32, layers=1, seq_len=16, batch_size=8, threads=1)
@@ -35,12 +37,13 @@ def all_finite(run) -> list[int]:
 def test_a_signal_during_a_streak_of_bad_steps_saves_the_last_good_state(corpus, tmp_path, monkeypatch):
     monkeypatch.setenv(TEST_NAN_ENV, "5+")  # a NaN weight at step 5, every time: bad steps from there
 
-    def on_event(event, data):  # a real SIGINT, sent the moment the first bad step is reported
-        if event == "warn" and "non-finite loss" in data["message"]:
-            os.kill(os.getpid(), signal.SIGINT)
+    class OnEvent(TrainEvents):
+        def on_warn(self, e):  # a real SIGINT, sent the moment the first bad step is reported
+            if "non-finite loss" in e.message:
+                os.kill(os.getpid(), signal.SIGINT)
 
     run = tmp_path / "run"
-    trainer = Trainer.new([corpus], TrainConfig(**SMALL, steps=60, eval_every=4), run_dir=run, callback=on_event)
+    trainer = Trainer.new([corpus], TrainConfig(**SMALL, steps=60, eval_every=4), run_dir=run, callback=OnEvent())
     summary = trainer.run()
     assert summary["reason"] == "interrupted" and summary["step"] == 4
     assert all_finite(run) == [4]  # before: a step-6 checkpoint holding the NaN weight
@@ -53,14 +56,16 @@ def test_a_non_finite_final_evaluation_is_not_done(corpus, tmp_path, monkeypatch
     budget = 1.0
     started = []
 
-    def on_event(event, data):
-        if event == "start":
+    class OnEvent(TrainEvents):
+        def on_start(self, e):
             started.append(time.perf_counter())
-        if event == "warn" and "non-finite loss" in data["message"]:  # let the budget run out here
-            time.sleep(max(0.0, budget - (time.perf_counter() - started[0])) + 0.2)
+
+        def on_warn(self, e):
+            if "non-finite loss" in e.message:  # let the budget run out here
+                time.sleep(max(0.0, budget - (time.perf_counter() - started[0])) + 0.2)
 
     run = tmp_path / "run"
-    trainer = Trainer.new([corpus], TrainConfig(**SMALL, time_s=budget), run_dir=run, callback=on_event)
+    trainer = Trainer.new([corpus], TrainConfig(**SMALL, time_s=budget), run_dir=run, callback=OnEvent())
     with pytest.raises(TrainingDiverged, match=r"final evaluation \(step 4\) was not finite.*step 0"):
         trainer.run()
     assert all_finite(run) == [0]
@@ -85,15 +90,16 @@ def test_init_from_takes_learning_rate_and_dropout_from_the_checkpoints_width(co
 def test_the_fp16_loss_scale_is_saved_and_resumed(corpus, tmp_path, monkeypatch):
     """fp16 autocast, and so the GradScaler, happens on CUDA GPUs without bf16; here the device's choice is
     made fp16 on the CPU (torch has CPU autocast and a CPU GradScaler), so the same code paths run."""
-    monkeypatch.setattr(train_mod, "autocast_dtype", lambda device: torch.float16)
+    monkeypatch.setattr(device_mod, "autocast_dtype", lambda device: torch.float16)
     run = tmp_path / "run"
     # a cell written out in PyTorch ops: oneDNN's fused CPU LSTM has no fp16 kernel
     trainer = Trainer.new([corpus], TrainConfig(**SMALL, cell="peephole", steps=8, eval_every=4), run_dir=run)
-    assert trainer.scaler is not None
+    scaler = trainer.precision.scaler
+    assert scaler is not None
     # a scale and growth count a longer run could have reached, not the initial ones
-    trainer.scaler.load_state_dict({**trainer.scaler.state_dict(), "scale": 256.0, "_growth_tracker": 3})
+    scaler.load_state_dict({**scaler.state_dict(), "scale": 256.0, "_growth_tracker": 3})
     trainer.run()
     saved = ckm.load(run / ckm.ckpt_name(8))["scaler"]
-    assert saved == trainer.scaler.state_dict() and saved["scale"] <= 256.0 and saved["_growth_tracker"] != 0
+    assert saved == scaler.state_dict() and saved["scale"] <= 256.0 and saved["_growth_tracker"] != 0
     resumed = Trainer.resume(run)
-    assert resumed.scaler.state_dict() == saved
+    assert resumed.precision.scaler.state_dict() == saved

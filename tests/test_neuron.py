@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -434,7 +435,7 @@ def test_reading_pass_runs_the_labeled_texts_of_the_training_split(tmp_path):
     x, y, _ = tr.batcher.get(0)
     carry = b.before_step(0, tr.model.init_state(4))
     logits, _, out = tr.model(x, y, carry, hook=b.hook)
-    tr.cfg.sentiment.contrast = 0.0  # the reading term alone
+    b.sc = dataclasses.replace(b.sc, contrast=0.0)  # the reading term alone (the config is frozen)
     b.extra_loss(out, x, y, carry, logits).backward()
     assert tr.model.rnn.weight_hh_l0.grad[sm.BOUND_UNIT].abs().sum() > 0
 

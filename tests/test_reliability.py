@@ -237,7 +237,9 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
     newest = run / ckm.ckpt_name(24)
     newest.write_bytes(newest.read_bytes()[:1000])  # damaged on disk after the fact
     ckm.sidecar(newest).unlink()
-    (run / ".step_00000032.pt.tmp999").write_bytes(b"half a save")
+    killed = subprocess.Popen(["true"])
+    killed.wait()  # a writer that is gone: the sweep keeps the files of live ones
+    (run / f".step_00000032.pt.tmp{killed.pid}").write_bytes(b"half a save")
     (run / "step_00000004.json").write_text("{}")  # a killed rotation deleted the checkpoint, not its sidecar
     r = cli("train", "--resume", run, "-q")
     assert r.exit_code == 0, r.output
@@ -250,6 +252,7 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
 
 def test_best_only_replaced_by_better_and_files_never_rewritten(tmp_path, corpus):
     from charrnn.config import TrainConfig
+    from charrnn.events import TrainEvents
     from charrnn.train import Trainer
 
     run = tmp_path / "run"
@@ -257,12 +260,13 @@ def test_best_only_replaced_by_better_and_files_never_rewritten(tmp_path, corpus
     vals: list[float] = []
     not_best = 0
 
-    def callback(event, d):
-        nonlocal not_best
-        if event == "eval":
-            vals.append(d["val_loss"])
-            not_best += not d["best"]
-        if event == "save":
+    class Check(TrainEvents):
+        def on_eval(self, e):
+            nonlocal not_best
+            vals.append(e.val_loss)
+            not_best += not e.best
+
+        def on_save(self, e):
             for p in run.glob(ckm.CKPT_GLOB):
                 assert seen.setdefault(p.name, digest(p)) == digest(p), f"{p.name} was rewritten"
             infos = ckm.list_checkpoints(run)
@@ -271,7 +275,7 @@ def test_best_only_replaced_by_better_and_files_never_rewritten(tmp_path, corpus
 
     cfg = TrainConfig(hidden=32, layers=1, seq_len=16, batch_size=8, steps=60, eval_every=2, keep=1,
                       lr=0.3, warmup_steps=0, threads=1)
-    Trainer.new([corpus], cfg, run_dir=run, callback=callback).run()
+    Trainer.new([corpus], cfg, run_dir=run, callback=Check()).run()
     assert not_best > 0, "the run never got worse, so the test proved nothing"
     assert ckm.best_of(ckm.list_checkpoints(run)).val_loss == min(vals)
 

@@ -11,16 +11,16 @@ from charrnn import checkpoint as ckm
 from charrnn.config import TrainConfig
 from charrnn.train import Trainer, lr_at
 
-from conftest import make_text
+from conftest import Recorder, make_text
 
 SMALL = dict(hidden=32, layers=1, seq_len=16, batch_size=8, threads=1)
 
 
 def _train(corpus, run, **kw):
     cfg = TrainConfig(**{**SMALL, **kw})
-    events = []
-    t = Trainer.new([corpus], cfg, run_dir=run, callback=lambda e, d: events.append((e, d)))
-    return t.run(), events
+    rec = Recorder()
+    t = Trainer.new([corpus], cfg, run_dir=run, callback=rec)
+    return t.run(), rec.events
 
 
 def test_loss_falls_and_run_folder_is_complete(corpus, tmp_path):
@@ -93,7 +93,7 @@ def test_time_budget_stops_on_time(corpus, tmp_path):
     summary, events = _train(corpus, tmp_path / "run", time_s=3.0)
     assert 2.5 <= summary["elapsed_s"] < 8
     start = [d for e, d in events if e == "start"][0]
-    assert start["time_budget_s"] == 3.0
+    assert start.time_budget_s == 3.0
     # the schedule was fitted to the budget: the last step is near the schedule's end
     ck = ckm.load(ckm.resolve(tmp_path / "run"))
     st = ck["train"]["state"]
@@ -126,3 +126,90 @@ def test_defaults_follow_budget_corpus_and_device():
     assert resolve(TrainConfig(), big, 300).dropout <= resolve(TrainConfig(), 100_000, 300).dropout
     mine = resolve(TrainConfig(hidden=64, batch_size=8, dropout=0.3), big, 300, "cuda")
     assert (mine.hidden, mine.batch_size, mine.dropout) == (64, 8, 0.3)
+
+
+def test_resume_of_a_checkpoint_from_before_the_eval_interval_moved(corpus, tmp_path):
+    """Checkpoints written before the run's evaluation interval moved from the config into the run state
+    (the config held the interval the run had chosen) still resume exactly, saving at the same steps."""
+    run = tmp_path / "full"
+    _train(corpus, run, steps=60, keep=20)  # no --eval-every: the run chooses every 6 steps
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    for i in ckm.list_checkpoints(cut):
+        if i.step > 30:
+            i.path.unlink()
+            ckm.sidecar(i.path).unlink()
+    path = ckm.resolve(cut)
+    old = ckm.load(path)
+    assert old["train"]["config"]["eval_every"] is None and old["train"]["state"]["eval_every"] == 6
+    old["train"]["config"]["eval_every"] = old["train"]["state"].pop("eval_every")  # the old layout
+    path.unlink()
+    ckm.save(path, old)
+    Trainer.resume(cut).run()
+    assert [i.step for i in ckm.list_checkpoints(cut)] == [i.step for i in ckm.list_checkpoints(run)]
+    a, b = ckm.load(ckm.resolve(run)), ckm.load(ckm.resolve(cut))
+    assert a["val_loss"] == b["val_loss"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_init_from_chooses_lr_for_the_checkpoint_width(corpus, tmp_path):
+    """resolve knows the --init-from architecture: the learning rate is the one for the width that trains."""
+    from charrnn.config import BASE_LR, resolve
+
+    _train(corpus, tmp_path / "base", steps=10, hidden=512, layers=1)
+    cfg = TrainConfig(**{**SMALL, "hidden": 64, "steps": 1})  # asked for 64 units; the checkpoint has 512
+    t = Trainer.new([corpus], cfg, run_dir=tmp_path / "ft", init_from=tmp_path / "base")
+    assert t.model.config.hidden == 512 and t.cfg.hidden == 512
+    assert t.cfg.lr == resolve(TrainConfig(hidden=512), 10_000, None).lr == round(BASE_LR * math.sqrt(256 / 512), 6)
+
+
+def test_config_is_frozen_and_the_run_keeps_what_it_chooses_in_its_state(corpus, tmp_path):
+    """A time-budget run estimates its evaluation interval as it goes: in its RunState, not in the config."""
+    import dataclasses
+
+    cfg = TrainConfig(**{**SMALL, "time_s": 2.0})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    t = Trainer.new([corpus], cfg, run_dir=tmp_path / "run")
+    resolved = t.cfg
+    t.run()
+    assert t.cfg is resolved and t.cfg.eval_every is None and t.state.eval_every >= 10
+    ck = ckm.load(ckm.resolve(tmp_path / "run"))
+    assert ck["train"]["config"]["eval_every"] is None and ck["train"]["state"]["eval_every"] == t.state.eval_every
+
+
+def test_events_are_typed_and_a_receiver_implements_only_what_it_needs(corpus, tmp_path):
+    from charrnn.events import EndEvent, EvalEvent, SaveEvent, StartEvent, StepEvent, TrainEvents
+
+    summary, events = _train(corpus, tmp_path / "run", steps=40, eval_every=20)
+    kinds = {StartEvent: "start", StepEvent: "step", EvalEvent: "eval", SaveEvent: "save", EndEvent: "end"}
+    assert all(kinds[type(e)] == name for name, e in events)
+    start, end = events[0][1], events[-1][1]
+    assert start.config.hidden == 32 and start.resumed_from is None and start.total_steps == 40
+    assert [e.step for n, e in events if n == "step"] == [10, 20, 30, 40]
+    assert [e.step for n, e in events if n == "eval"] == [20, 40]
+    saves = [e for n, e in events if n == "save"]
+    assert [e.path.name for e in saves] == [ckm.ckpt_name(20), ckm.ckpt_name(40)] and all(e.size > 0 for e in saves)
+    assert summary == {f: getattr(end, f) for f in summary} and end.reason == "done" and end.step == 40
+
+    class OnlyEnd(TrainEvents):  # the other events fall to TrainEvents' no-ops
+        def __init__(self):
+            self.ends = []
+
+        def on_end(self, e):
+            self.ends.append(e)
+
+    only = OnlyEnd()
+    Trainer.new([corpus], TrainConfig(**{**SMALL, "steps": 5}), run_dir=tmp_path / "two", callback=only).run()
+    assert [e.step for e in only.ends] == [5]
+
+
+def test_judge_names_what_is_wrong_with_a_step():
+    from charrnn.recovery import judge
+
+    assert judge(1.5, 0.7, 65, overflow_skipped=False) is None
+    assert judge(float("nan"), 0.7, 65, overflow_skipped=False) == "non-finite loss"
+    assert judge(100.0, 0.7, 65, overflow_skipped=False).startswith("exploding loss")
+    assert judge(1.5, float("inf"), 65, overflow_skipped=False) == "non-finite gradient"
+    assert judge(1.5, float("inf"), 65, overflow_skipped=True) is None  # fp16: the scaler skips it itself

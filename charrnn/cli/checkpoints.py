@@ -63,12 +63,13 @@ def checkpoints_prune(
     keep: Annotated[int, typer.Option(min=1, help="Newest checkpoints kept per run, besides the best.")] = 1,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
 ):
-    """Delete all but the best and the newest --keep checkpoints of every run."""
+    """Delete all but the best and the newest --keep checkpoints of every run (a run being trained is left alone)."""
     from charrnn import runs, ui
     from charrnn.errors import CheckpointError
 
     if not dir.is_dir():
         raise CheckpointError(f"no folder {dir.resolve()}")
-    done = runs.prune(dir, keep, dry_run=dry_run)
+    done = runs.prune(dir, keep, dry_run=dry_run,
+                      on_skip=lambda busy: ui.info(f"skipped: {busy}; prune it when that ends"))
     verb = "would delete" if dry_run else "deleted"
     ui.info(f"{verb} {done['checkpoints']} checkpoint(s) in {done['runs']} run(s), {ui.fmt_size(done['bytes'])}")

@@ -34,6 +34,7 @@ def train(
     patience: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many evaluations without a better validation loss; 0 = never \\[default: 5 for a time budget, 0 with --steps/--epochs].", show_default=False)] = None,
     run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run folder (--run-dir is the same; use it under torchrun, whose parser takes --run for its own --run-path) \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder exactly where it stopped.")] = None,
+    allow_changed_corpus: Annotated[bool, typer.Option("--allow-changed-corpus", help="With --resume: go on although a corpus file's content changed since the run started.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start a new run from this checkpoint's weights.")] = None,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads \\[default: PyTorch's].", show_default=False)] = None,
@@ -56,8 +57,11 @@ def train(
         if corpus:
             raise UsageError("--resume continues a run on its own corpus; leave out the CORPUS argument")
         trainer = Trainer.resume(resume, callback=display, threads=threads,
-                                 device=device.value if device != Device.auto else None)
+                                 device=device.value if device != Device.auto else None,
+                                 allow_changed_corpus=allow_changed_corpus)
     else:
+        if allow_changed_corpus:
+            raise UsageError("--allow-changed-corpus goes with --resume RUN_DIR")
         if not corpus:
             raise UsageError("name a corpus file to train on (or --resume RUN_DIR)")
         from charrnn.corpora import expand_corpus_args
@@ -73,7 +77,7 @@ def train(
                                                       sentiment_forced, sentiment_read),
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
-            cfg.time_s = parse_duration(time)
+            cfg = TrainConfig.from_dict({**cfg.to_dict(), "time_s": parse_duration(time)})  # the config is frozen
         trainer = Trainer.new(corpus, cfg, run_dir=run, init_from=init_from, home=HOME, callback=display)
     # The Trainer takes SIGINT/SIGTERM while it runs and hands them back when its last save is on
     # disk. One that comes after that (the run is complete) must not kill the process on its way

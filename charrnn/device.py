@@ -1,0 +1,85 @@
+"""Where a run trains: the device, the process group under torchrun, and mixed precision on CUDA."""
+
+from __future__ import annotations
+
+import torch
+
+from charrnn.config import TrainConfig
+from charrnn.distributed import Dist
+from charrnn.errors import CheckpointError, UsageError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise CheckpointError("--device mps was asked for, but MPS is not available here; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA: bf16 where the card supports it, else fp16. None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
+    """The device, and the process group when started by torchrun (one process per device or core)."""
+    device = pick_device(cfg.device)
+    dist = Dist.from_env()
+    if dist.enabled:
+        dist.check_batch(cfg.batch_size)
+        if cfg.sentiment.unit:
+            raise UsageError("--sentiment-unit runs in one process; start it without torchrun")
+        dist.setup(device.type)
+        device = dist.device(device)
+    return device, dist
+
+
+class Precision:
+    """Autocast and, for fp16, the gradient scaler: the parts of a step that differ by precision."""
+
+    def __init__(self, device: torch.device):
+        self.device_type = device.type
+        self.dtype = autocast_dtype(device)
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+
+    @property
+    def skips_overflow(self) -> bool:
+        """fp16: a non-finite gradient is an overflow that the scaler skips (and lowers its scale), as designed."""
+        return self.scaler is not None
+
+    def state_dict(self) -> dict | None:
+        """fp16: the loss scale reached (and its growth count), which an exact resume needs; else None."""
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def backward(self, objective: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients of `objective`, unscaled, so clipping and the norm see their true size."""
+        if self.scaler is None:
+            objective.backward()
+            return
+        self.scaler.scale(objective).backward()
+        self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
+        self.scaler.update()

@@ -1,0 +1,113 @@
+"""What a training run reports: one small frozen dataclass per event, and `TrainEvents`, the receiver.
+
+The trainer never prints. It calls one `TrainEvents` method per event, on the main process only;
+the CLI's receiver is `ui.TrainDisplay`. Every method does nothing unless overridden, so a receiver
+implements only the events it wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from charrnn.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class StartEvent:
+    """The run is built and about to take its first step (of this session)."""
+
+    run_dir: Path
+    params: int  # trainable parameters of the model
+    config: TrainConfig  # the resolved configuration
+    train_chars: int  # characters of training text
+    val_chars: int  # characters held out for validation
+    vocab_size: int
+    total_steps: int  # the schedule's length (for a time budget, a first estimate)
+    time_budget_s: float | None  # the wall-clock budget, None for --steps/--epochs
+    device: str  # where it trains, e.g. "cpu" or "cuda:0"
+    resumed_from: int | None  # the step a resumed run continues from; None for a new run
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Every LOG_EVERY steps (and at the last): the training loss and speed, as metrics.jsonl records them."""
+
+    step: int  # optimiser steps done
+    total_steps: int  # the schedule's length (refined during a time budget)
+    elapsed_s: float  # wall-clock seconds of the run, over all its sessions
+    loss: float  # training loss of the last step, nats/char
+    lr: float  # the learning rate that step used
+    grad_norm: float  # its gradient norm before clipping (0.0 when it was not finite)
+    chars_per_s: float  # training characters per second of step time, over the whole run
+    recent_chars_per_s: float  # the same since the last StepEvent, wall-clock (evaluations included)
+    time_budget_s: float | None  # the wall-clock budget, None for --steps/--epochs
+
+
+@dataclass(frozen=True)
+class EvalEvent:
+    """A validation loss was measured (a checkpoint is saved right after it)."""
+
+    step: int
+    total_steps: int
+    elapsed_s: float
+    chars_per_s: float
+    val_loss: float  # nats/char on the held-out text
+    val_bpc: float  # the same in bits/char
+    best: bool  # the best validation loss of the run so far
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """A checkpoint was written (atomically) and older ones beyond --keep and the best removed."""
+
+    path: Path
+    size: int  # bytes
+    removed: tuple[Path, ...]  # checkpoints deleted by the rotation
+
+
+@dataclass(frozen=True)
+class WarnEvent:
+    """Something went wrong that the run recovered from (a skipped step, a rollback)."""
+
+    message: str  # one line
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    """The run stopped; `Trainer.run` returns these fields as a dict."""
+
+    reason: str  # "done", "early stop" (--patience) or "interrupted" (a signal)
+    step: int
+    run_dir: Path
+    val_loss: float | None  # the last validation loss (None when interrupted)
+    best_val_loss: float | None
+    best_step: int | None
+    elapsed_s: float
+    chars_per_s: float  # training characters per second of step time, over the whole run
+    params: int
+    patience: int  # the --patience the run used (0: never stops early)
+    signal: int | None = None  # the signal number that interrupted it
+    path: Path | None = None  # the checkpoint saved on an interruption
+
+
+class TrainEvents:
+    """Receives a run's events; every method is a no-op until a subclass overrides it."""
+
+    def on_start(self, e: StartEvent) -> None:
+        pass
+
+    def on_step(self, e: StepEvent) -> None:
+        pass
+
+    def on_eval(self, e: EvalEvent) -> None:
+        pass
+
+    def on_save(self, e: SaveEvent) -> None:
+        pass
+
+    def on_warn(self, e: WarnEvent) -> None:
+        pass
+
+    def on_end(self, e: EndEvent) -> None:
+        pass
