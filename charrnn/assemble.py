@@ -36,6 +36,7 @@ class Start:
     state: RunState
     model_config: ModelConfig
     weights: dict | None = None  # initial weights: --init-from's, or the resumed checkpoint's
+    source: str | None = None  # the checkpoint file they come from (named in errors)
     record: dict | None = None  # the unit record of the checkpoint the run starts from (see _objective)
     saved: dict | None = None  # the checkpoint a resumed run continues
 
@@ -64,14 +65,18 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
     if run_dir is not None:
         check_free(run_dir)  # a live run there: say so before reading the corpus
         refuse_existing_run(Path(run_dir))
-    init = ckpt_mod.load(ckpt_mod.resolve(Path(init_from))) if init_from is not None else None
+    init = None
+    if init_from is not None:
+        init_path, init = ckpt_mod.open_checkpoint(Path(init_from), home, on_warn=lambda m: events.on_warn(WarnEvent(m)))
+        ckpt_mod.check_payload(init, init_path)
+        init["path"] = str(init_path)
     train_data, val_data, vocab, sha = _load_new_corpus(corpus, cfg, init_from, init)
     cfg = resolve(cfg, len(train_data), time_budget(cfg), pick_device(cfg.device).type,
                   arch=init["model_config"] if init is not None else None)
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
     start = Start(cfg, corpus, sha, vocab, train_data, val_data, state,
                   ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout),
-                  weights=init["model"] if init is not None else None,
+                  weights=init["model"] if init is not None else None, source=init["path"] if init is not None else None,
                   record=init.get("sentiment") if init is not None else None)
     device, dist = setup_distributed(cfg)
     folder = RunFolder.claim_new(run_dir, lambda: default_run_dir(Path(home), corpus, cfg), dist)
@@ -109,7 +114,7 @@ def resumed_run(run_dir: Path, threads: int | None, device: str | None, allow_ch
     run_dir = Path(run_dir)
     folder = RunFolder.claim_existing(run_dir, main=Dist.from_env().main)
     with folder.released_on_error():
-        ck = newest_checkpoint(run_dir)
+        ck = newest_checkpoint(run_dir, on_warn=lambda m: events.on_warn(WarnEvent(m)))
         cfg = TrainConfig.from_dict(ck["train"]["config"])
         cfg = replace(cfg, threads=threads or cfg.threads, device=device or cfg.device)
         if cfg.threads:
@@ -117,7 +122,7 @@ def resumed_run(run_dir: Path, threads: int | None, device: str | None, allow_ch
         train_data, val_data, vocab, sha = _load_saved_corpus(run_dir, ck, cfg, allow_changed_corpus, events)
         start = Start(cfg, [Path(p) for p in ck["train"]["corpus"]], sha, vocab, train_data, val_data,
                       RunState.from_checkpoint(ck["train"]["state"], cfg), ModelConfig(**ck["model_config"]),
-                      weights=ck["model"], record=ck.get("sentiment"), saved=ck)
+                      weights=ck["model"], source=ck["path"], record=ck.get("sentiment"), saved=ck)
         device, dist = setup_distributed(cfg)
         return _assemble(start, folder, device, dist, events)
 
@@ -156,7 +161,7 @@ def _assemble(start: Start, folder: RunFolder, device: torch.device, dist: Dist,
     torch.manual_seed(cfg.seed)  # the initial weights of a new run (a resumed one loads its own)
     model = CharRNN(start.model_config).to(device)
     if start.weights is not None:
-        model.load_state_dict(start.weights)
+        ckpt_mod.load_weights(model, {"model": start.weights}, Path(start.source))  # one line when they do not fit
     net = model
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -169,7 +174,11 @@ def _assemble(start: Start, folder: RunFolder, device: torch.device, dist: Dist,
     if saved is None:
         carry = model.init_state(rows.stop - rows.start, device)
     else:
-        optimizer.load_state_dict(saved["optimizer"])
+        try:
+            optimizer.load_state_dict(saved["optimizer"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume: the optimiser state in {start.source} does not fit its model "
+                                  f"({str(e).splitlines()[0][:100] if str(e) else type(e).__name__})") from None
         precision.load_state_dict(saved.get("scaler"))  # fp16: the loss scale it had reached
         # the carried state of all B streams; this process takes its rows (the process count may differ)
         carry = tuple(s[:, rows].contiguous().to(device) for s in saved["train"]["carry"])

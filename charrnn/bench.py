@@ -222,7 +222,7 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
     many = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num)
     many_fp32 = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num, precision="fp32")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "step_00000000.pt"
+        path = Path(tmp) / ckm.ckpt_name(0)
         ckm.save(path, {"model_config": model.config.to_dict(), "vocab": vocab.chars,
                         "model": model.state_dict(), "train": {"step": 0, "state": {}, "config": {}, "corpus": []},
                         "val_loss": None})

@@ -18,6 +18,17 @@ class CheckpointError(CharRNNError):
     """A checkpoint or run folder that is missing, unreadable, or incompatible."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose bytes are not what was saved: checksum mismatch, cut short, unparsable.
+
+    `why` is the short reason (for a warning); the message adds what to do.
+    """
+
+    def __init__(self, message: str, why: str = "damaged"):
+        super().__init__(message)
+        self.why = why
+
+
 class UsageError(CharRNNError):
     """Option values that are invalid together (exit code 2, like the parser's own errors)."""
 

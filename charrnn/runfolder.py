@@ -15,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import TrainConfig
 from charrnn.distributed import Dist, broadcast_object
@@ -64,18 +66,22 @@ def check_writable(folder: Path) -> None:
 
 def refuse_existing_run(run_dir: Path) -> None:
     """A new run never replaces a checkpoint (readable or not) in the folder it is given."""
-    if any(Path(run_dir).glob(ckpt_mod.CKPT_GLOB)):
+    if ckpt_mod.holds_checkpoints(run_dir):
         raise CheckpointError(
             f"{run_dir} already holds a run; continue it with 'charrnn train --resume {run_dir}' "
             "or choose another --run folder"
         )
 
 
-def newest_checkpoint(run_dir: Path) -> dict:
-    """The newest readable checkpoint of a run folder, after clearing the temp files of a killed save."""
+def newest_checkpoint(run_dir: Path, on_warn=None) -> dict:
+    """The newest readable checkpoint of a run folder, after clearing the temp files of a killed save.
+
+    A damaged one is set aside (renamed, reported through `on_warn`) and the one before it used;
+    one that lacks what resuming needs is one line (CheckpointError), never a KeyError.
+    """
     if not run_dir.is_dir():
         raise CheckpointError(f"cannot resume: no run folder at {run_dir}")
-    infos = ckpt_mod.list_checkpoints(run_dir)
+    infos = ckpt_mod.list_checkpoints(run_dir, on_warn=on_warn)
     if not infos:
         raise CheckpointError(
             f"cannot resume: no checkpoints in {run_dir} (not a run folder, or the run stopped before its first save); "
@@ -84,10 +90,35 @@ def newest_checkpoint(run_dir: Path) -> dict:
     ckpt_mod.clean_temp_files(run_dir)
     for info in reversed(infos):
         try:
-            return ckpt_mod.load(info.path)
+            ck = ckpt_mod.load(info.path)
+        except ckpt_mod.CheckpointDamaged as e:
+            ckpt_mod.set_aside(info.path, e.why, on_warn)
+            continue
         except CheckpointError:
             continue
+        check_resumable(ck, info.path)
+        ck["path"] = str(info.path)
+        return ck
     raise CheckpointError(f"cannot resume: no readable checkpoint in {run_dir}")
+
+
+def check_resumable(ck: dict, path: Path) -> None:
+    """One line, not a KeyError or TypeError, when a checkpoint lacks what resuming needs."""
+    from charrnn.runstate import RunState
+
+    ckpt_mod.check_payload(ck, path, train=True)
+    for key in ("optimizer", "rng"):
+        if not isinstance(ck.get(key), dict):
+            raise CheckpointError(f"cannot resume from {path}: it lacks '{key}'; start a new run from its weights "
+                                  f"with 'charrnn train CORPUS --init-from {path}'")
+    tr = ck["train"]
+    if not isinstance(tr.get("carry"), (tuple, list)) or not isinstance(ck["rng"].get("torch"), torch.Tensor):
+        raise CheckpointError(f"cannot resume from {path}: it lacks its carried state or RNG state; start a new run "
+                              f"from its weights with 'charrnn train CORPUS --init-from {path}'")
+    unknown = sorted(set(tr["state"]) - set(RunState.__dataclass_fields__))
+    if unknown:
+        raise CheckpointError(f"cannot resume from {path}: its run state has fields this charrnn does not know "
+                              f"({', '.join(map(str, unknown))}); resume it with the charrnn version that wrote it")
 
 
 class RunFolder:
@@ -117,7 +148,7 @@ class RunFolder:
     def claim_existing(cls, run_dir: Path, main: bool) -> "RunFolder":
         """A run's folder to resume, locked before anything in it is read for use or deleted."""
         folder = cls(Path(run_dir), main=main)
-        if main and any(folder.path.glob(ckpt_mod.CKPT_GLOB)):  # not a run folder: newest_checkpoint says so
+        if main and ckpt_mod.holds_checkpoints(folder.path):  # not a run folder: newest_checkpoint says so
             folder.lock = RunLock(folder.path).acquire()
         return folder
 
@@ -158,23 +189,29 @@ class RunFolder:
         return self.path / ckpt_mod.ckpt_name(step)
 
     def save(self, step: int, val_loss: float | None, payload: Callable[[], dict], keep: int,
-             arch: dict) -> SaveEvent | None:
+             arch: dict, on_warn=None) -> SaveEvent | None:
         """Save this step's checkpoint (atomically), then delete those beyond the best and the `keep` newest.
 
         A checkpoint already on disk for this step is kept as it is (None is returned), unless it
-        lacks a validation loss that this save has (the same weights, evaluated): files are
-        replaced, never rewritten.
+        lacks a validation loss that this save has (the same weights, evaluated) or is damaged (then
+        it is set aside and the step redone): files are replaced, never rewritten.
         """
         path = self.checkpoint_path(step)
-        if not self.main or self._keeps(path, val_loss):
+        if not self.main:
+            return None
+        older = ckpt_mod.step_paths(self.path, step)  # this step, either format
+        if any(self._keeps(p, val_loss, on_warn) for p in older):
             return None
         try:
             size = ckpt_mod.save(path, payload())
         except CheckpointError as e:
             raise CheckpointError(f"{e}; then continue with 'charrnn train --resume {self.path}'") from None
         try:
+            for old in older:  # a .pt of this step, now replaced
+                if old != path:
+                    old.unlink(missing_ok=True)
             ckpt_mod.write_sidecar(path, step, val_loss, arch)
-            removed = ckpt_mod.rotate(self.path, keep)
+            removed = ckpt_mod.rotate(self.path, keep, on_warn=on_warn)
         except OSError as e:
             raise CheckpointError(
                 f"saved {path} but could not update {self.path}: {e.strerror or e}; free some disk space, "
@@ -183,11 +220,15 @@ class RunFolder:
         return SaveEvent(path=path, size=size, removed=tuple(i.path for i in removed))
 
     @staticmethod
-    def _keeps(path: Path, val_loss: float | None) -> bool:
+    def _keeps(path: Path, val_loss: float | None, on_warn=None) -> bool:
+        """Whether the file already saved for this step stands; its own content decides, not its sidecar."""
         if not path.exists():
             return False
         try:
-            return ckpt_mod.info(path).val_loss is not None or val_loss is None
+            return ckpt_mod.verify(path).val_loss is not None or val_loss is None
+        except ckpt_mod.CheckpointDamaged as e:
+            ckpt_mod.set_aside(path, e.why, on_warn)
+            return False
         except CheckpointError:
             return False  # unreadable: replace it
 

@@ -273,7 +273,7 @@ class Trainer:
         step, mc = self.state.step, self.model.config
         carry = self.dist.gather_rows(self.carry)  # collective: every process takes part
         event = self.folder.save(step, val_loss, lambda: payload(self, val_loss, carry), self.cfg.keep,
-                                 {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden})
+                                 {"cell": mc.cell, "layers": mc.layers, "hidden": mc.hidden}, on_warn=self._warn)
         if event is not None:
             self.events.on_save(event)
         return self.folder.checkpoint_path(step)

@@ -164,8 +164,8 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> None:
     _print_table(t)
 
 
-def checkpoint_card(d: dict) -> None:
-    """`checkpoints show`: runs.checkpoint_details as a two-column table."""
+def checkpoint_card(d: dict, format_note: str | None = None) -> None:
+    """`checkpoints show`: runs.checkpoint_details as a two-column table (format_note: runs.format_note)."""
     mc, st_best, vl = d["model"], d["best_val_loss"], d["val_loss"]
     rows = [
         ("checkpoint", d["checkpoint"]),
@@ -180,6 +180,8 @@ def checkpoint_card(d: dict) -> None:
         ("settings", ", ".join(f"{k}={v}" for k, v in d["train"].items() if v is not None)),
         ("versions", ", ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items())),
     ]
+    if format_note:
+        rows.append(("format", format_note))
     if d["sentiment"]:
         s = d["sentiment"]
         rows.append(("sentiment unit", f"unit {s.get('unit')} (polarity {s.get('polarity')})"))

@@ -17,4 +17,4 @@ for c in mlstm peephole coupled gru; do
   tail -n 1 "$out/cell-$c/metrics.jsonl"
 done
 step "train 2x1024, 90 s" timeout 150 $py -m charrnn train "$corpus" --device cuda --time 90s --hidden 1024 --run-dir "$out/wide"
-rm -f "$out"/*/*.pt "$out"/*/*/*.pt
+rm -f "$out"/*/*.safetensors "$out"/*/*/*.safetensors

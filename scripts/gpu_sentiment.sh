@@ -36,4 +36,4 @@ for s in positive negative; do
   step "sample --sentiment $s" $py -m charrnn sample "$out/read" --sentiment $s --temp 0.8 --seed 1 --length 300 \
     --prime "This movie was " --device "$dev"
 done
-[ -n "${KEEP:-}" ] || rm -f "$out"/*/*.pt  # KEEP=1 keeps the checkpoints
+[ -n "${KEEP:-}" ] || rm -f "$out"/*/*.safetensors  # KEEP=1 keeps the checkpoints

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from charrnn import checkpoint as ckm
 from charrnn.model import CELLS, CUSTOM_CELLS, FUSED_CELLS, CharRNN, CoupledLSTM, ModelConfig, MultiplicativeLSTM, PeepholeLSTM
 from conftest import TINY, run_cli
 
@@ -163,12 +164,12 @@ def test_cell_trains_resumes_exactly_samples_and_evaluates(cell, corpus):
     assert any("grad_norm" in l for l in lines)  # the training loop's gradient norm, before clipping
     # resume from the step-3 checkpoint of a copy: it must reach the same step-6 weights
     shutil.copytree("a", "b")
-    for p in ("b/step_00000006.pt", "b/step_00000006.json"):
+    for p in ("b/" + ckm.ckpt_name(6), "b/step_00000006.json"):
         shutil.os.remove(p)
     r = run_cli("train", "--resume", "b", "-q")
     assert r.exit_code == 0, r.output
-    a = torch.load("a/step_00000006.pt", weights_only=True)["model"]
-    b = torch.load("b/step_00000006.pt", weights_only=True)["model"]
+    a = ckm.load("a/" + ckm.ckpt_name(6))["model"]
+    b = ckm.load("b/" + ckm.ckpt_name(6))["model"]
     assert a.keys() == b.keys() and any(k.startswith("cells.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k

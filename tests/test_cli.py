@@ -31,7 +31,7 @@ def test_version():
 def test_train_writes_a_run(trained, tmp_path):
     run = tmp_path / "checkpoints" / "demo"
     assert (run / "metrics.jsonl").exists()
-    assert list(run.glob("step_*.pt"))
+    assert list(run.glob("step_*.safetensors"))
 
 
 def test_train_default_run_folder_under_checkpoints(corpus, tmp_path):

@@ -19,7 +19,7 @@ from charrnn.errors import TrainingDiverged
 from charrnn.events import TrainEvents
 from charrnn.recovery import TEST_NAN_ENV
 from charrnn.train import Trainer
-from conftest import TINY, run_cli
+from conftest import run_cli
 
 SMALL = dict(hidden=32, layers=1, seq_len=16, batch_size=8, threads=1)
 

@@ -173,8 +173,8 @@ def test_binding_resume_is_exact(tmp_path, read):
             i.path.unlink()
             ckm.sidecar(i.path).unlink()
     Trainer.resume(cut).run()
-    a = torch.load(tmp_path / "full" / ckm.ckpt_name(30), weights_only=True)
-    b = torch.load(cut / ckm.ckpt_name(30), weights_only=True)
+    a = ckm.load(tmp_path / "full" / ckm.ckpt_name(30))
+    b = ckm.load(cut / ckm.ckpt_name(30))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 

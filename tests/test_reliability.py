@@ -138,7 +138,7 @@ def progress_beyond(run: Path, proc: subprocess.Popen, rng: random.Random) -> No
 def saving(run: Path, proc: subprocess.Popen) -> list[Path]:
     """This process's checkpoint temp files: a save it has begun and not finished (a killed process's
     leftovers, which the next resume clears, carry another pid)."""
-    return list(run.glob(f".step_*.pt.tmp{proc.pid}"))
+    return list(run.glob(f".step_*.tmp{proc.pid}"))
 
 
 def stop_during_save(run: Path, proc: subprocess.Popen, tries: int = 25) -> bool:
@@ -239,7 +239,7 @@ def test_resume_uses_newest_readable_checkpoint(tmp_path, corpus):
     ckm.sidecar(newest).unlink()
     killed = subprocess.Popen(["true"])
     killed.wait()  # a writer that is gone: the sweep keeps the files of live ones
-    (run / f".step_00000032.pt.tmp{killed.pid}").write_bytes(b"half a save")
+    (run / f".{ckm.ckpt_name(32)}.tmp{killed.pid}").write_bytes(b"half a save")
     (run / "step_00000004.json").write_text("{}")  # a killed rotation deleted the checkpoint, not its sidecar
     r = cli("train", "--resume", run, "-q")
     assert r.exit_code == 0, r.output
@@ -373,7 +373,7 @@ def test_nan_that_keeps_coming_back_stops_with_good_checkpoint(tmp_path, corpus)
             env={"CHARRNN_TEST_NAN_AT": "25+"})
     assert r.exit_code == 1
     line = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-    assert len(line) == 1 and "training diverged" in line[0] and "step_00000020.pt" in line[0], r.stderr
+    assert len(line) == 1 and "training diverged" in line[0] and ckm.ckpt_name(20) in line[0], r.stderr
     assert r.stderr.count("rolled back to step 20") == 4
     assert check_all_load(run) >= 1 and newest_step(run) == 20
 
@@ -433,7 +433,7 @@ def test_hostile_and_broken_checkpoints_are_refused(tmp_path, trained, corpus):
         "empty.pt": ("", "not a charrnn checkpoint"),
         "truncated.pt": (good.read_bytes()[: good.stat().st_size // 2], "truncated or damaged"),
         "foreign.pt": ({"model": torch.zeros(3)}, "no charrnn format marker"),
-        "future.pt": ({**torch.load(good, weights_only=True), "format_version": 99}, "format 99"),
+        "future.pt": ({**ckm.load(good), "format_version": 99}, "format 99"),
     }
     for name, (content, _) in files.items():
         path = tmp_path / name

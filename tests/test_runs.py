@@ -16,7 +16,7 @@ import pytest
 from charrnn import checkpoint as ckm
 from charrnn.config import TrainConfig
 from charrnn.runfolder import default_run_dir
-from conftest import TINY, make_text
+from conftest import TINY
 from test_reliability import ckpt_files, cli, start, wait_for
 
 LIVE = [*TINY, "--threads", "1", "--seed", "7", "--steps", "200", "--eval-every", "10"]

@@ -42,7 +42,7 @@ def test_loss_falls_and_run_folder_is_complete(corpus, tmp_path):
 def test_checkpoint_is_self_contained(corpus, tmp_path):
     _train(corpus, tmp_path / "run", steps=20)
     path = ckm.resolve(tmp_path / "run")
-    ck = torch.load(path, weights_only=True)
+    ck = ckm.load(path)
     for key in ("model", "optimizer", "model_config", "vocab", "rng", "train", "versions", "val_loss"):
         assert key in ck
     assert ck["train"]["step"] == 20 and ck["train"]["state"]["total_steps"] == 20
@@ -66,8 +66,8 @@ def test_resume_is_exact(corpus, tmp_path):
     assert trainer.state.step == 20
     summary = trainer.run()
     assert summary["step"] == 60
-    a = torch.load(run / ckm.ckpt_name(60), weights_only=True)
-    b = torch.load(cut / ckm.ckpt_name(60), weights_only=True)
+    a = ckm.load(run / ckm.ckpt_name(60))
+    b = ckm.load(cut / ckm.ckpt_name(60))
     assert abs(a["val_loss"] - b["val_loss"]) < 1e-6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -29,7 +29,7 @@ def eval_cmd(
     from charrnn.train import evaluate, pick_device
 
     dev = pick_device(device.value)
-    model, vocab, ck = load_model(checkpoint, dev, home=HOME)
+    model, vocab, ck = load_model(checkpoint, dev, home=HOME, on_warn=ui.warn)
     data, _ = load_corpus([file], vocab=vocab)
     from charrnn.sample import choose_precision, with_precision
 
@@ -61,7 +61,7 @@ def gradients(
     from charrnn.gradients import gradient_flow
     from charrnn.train import pick_device
 
-    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=HOME)
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=HOME, on_warn=ui.warn)
     data, _ = load_corpus([file], vocab=vocab)
     result = gradient_flow(model, data, k=k, windows=windows)
     if json_out:

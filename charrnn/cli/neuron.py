@@ -44,8 +44,8 @@ def find(
 
     check_seed(seed)
     t0 = time.perf_counter()
-    path = ckm.resolve(checkpoint)
-    model, vocab, ck = ckm.load_model(path)
+    model, vocab, ck = ckm.load_model(checkpoint, on_warn=ui.warn)
+    path = Path(ck["path"])
     res = find_sentiment_unit(model, vocab, labeled, test, val, state.value if state else None, all_layers, neuron,
                               seed, on_warn=ui.warn)
     saved = None
@@ -91,7 +91,7 @@ def show(
         from charrnn.data import iter_text
 
         text = "".join(iter_text(file))
-    model, vocab, ck = ckm.load_model(checkpoint)
+    model, vocab, ck = ckm.load_model(checkpoint, on_warn=ui.warn)
     rec = None
     if neuron is None:
         rec = get_record(ck)

@@ -46,7 +46,7 @@ def sample(
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
                        precision=precision.value, guidance=guidance)
     validate(cfg)
-    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir)
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir, on_warn=ui.warn)
     from charrnn.neuron.steer import steering_hook
 
     hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
