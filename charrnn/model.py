@@ -4,7 +4,7 @@ Cells. `lstm`, `gru` and `rnn` run on PyTorch's fused kernels (nn.LSTM/GRU/RNN; 
 names, `rnn.weight_ih_l0` etc., are what checkpoints hold). `peephole`, `coupled` and `mlstm` are
 written out below as the lecture's equations, one small `step` per cell, and share one recurrence
 path (`recur`): the input projections of all time steps in one matmul, then only the recurrent
-part step by step. Measured on the 2-core CPU (scripts/bench_cells.py), plain eager PyTorch was the
+part step by step. Measured on the 2-core CPU (benchmarks/cells.py), plain eager PyTorch was the
 fastest way to run that loop: TorchScript gave no gain and torch.compile took ~30 s to compile and
 then ran slower, so there is nothing to compile and nothing to fall back from.
 

@@ -164,6 +164,30 @@ def kv_table(title: str, rows: list[tuple[str, str]]) -> None:
     _print_table(t)
 
 
+def checkpoint_card(d: dict, format_note: str | None = None) -> None:
+    """`checkpoints show`: runs.checkpoint_details as a two-column table (format_note: runs.format_note)."""
+    mc, st_best, vl = d["model"], d["best_val_loss"], d["val_loss"]
+    rows = [
+        ("checkpoint", d["checkpoint"]),
+        ("model", f"{mc['cell']} {mc['layers']}x{mc['hidden']}, embed {mc['embed'] or mc['hidden']}, "
+                  f"dropout {mc['dropout']}, {d['params'] / 1e6:.2f}M params"),
+        ("step", f"{d['step']} of {d['total_steps']}"),
+        ("val loss", "-" if vl is None else f"{vl:.4f} nats/char ({vl / math.log(2):.4f} bpc)"),
+        ("best in run", "-" if st_best is None else f"{st_best:.4f} at step {d['best_step']}"),
+        ("trained for", fmt_duration(d["elapsed_s"])),
+        ("corpus", ", ".join(d["corpus"])),
+        ("vocabulary", f"{d['vocab_size']} characters"),
+        ("settings", ", ".join(f"{k}={v}" for k, v in d["train"].items() if v is not None)),
+        ("versions", ", ".join(f"{k} {v}" for k, v in (d["versions"] or {}).items())),
+    ]
+    if format_note:
+        rows.append(("format", format_note))
+    if d["sentiment"]:
+        s = d["sentiment"]
+        rows.append(("sentiment unit", f"unit {s.get('unit')} (polarity {s.get('polarity')})"))
+    kv_table("checkpoint", rows)
+
+
 def _print_table(t: Table) -> None:
     """Tables go to stderr, as the CLI contract says; uncoloured and wide when it is not a terminal."""
     (err if err.is_terminal else Console(stderr=True, width=160, no_color=True)).print(t)

@@ -55,3 +55,24 @@ def test_bench_processes_compares_against_one_process(tmp_path):
         assert abs(row["ratio"] - row["chars_per_s"] / base) < 1e-9
     # same total batch, same seed, same steps: the same model up to float rounding
     assert abs(rows[2]["val_loss"] - rows[0]["val_loss"]) < 0.02
+
+
+def test_benchmark_scripts_run_from_the_benchmarks_folder():
+    """benchmarks/ holds every benchmark as a script: the cell benchmark measures every cell, and
+    raw_vs_charrnn.py is `charrnn bench` (same options)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from charrnn.model import CELLS
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    r = subprocess.run([sys.executable, str(folder / "cells.py"), "--hidden", "8", "--layers", "1", "--seq-len", "4",
+                        "--batch-size", "2", "--steps", "1", "--rounds", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {line.split()[0] for line in r.stdout.splitlines()[2:]} == set(CELLS)
+    r = subprocess.run([sys.executable, str(folder / "raw_vs_charrnn.py"), "--sections", "nothing"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown --sections 'nothing'" in r.stderr
+    r = subprocess.run([sys.executable, str(folder / "raw_vs_charrnn.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--big-mb" in r.stdout

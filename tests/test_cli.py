@@ -157,3 +157,55 @@ def test_checkpoints_errors(tmp_path):
     r = run_cli("checkpoints", "show", bad)
     assert r.exit_code == 1 and "not a charrnn checkpoint" in r.stderr
     assert run_cli("checkpoints", "prune", "--dir", "nowhere").exit_code == 1
+
+
+def test_checkpoints_library_functions_return_what_the_commands_print(trained):
+    """The checkpoints commands only render: runs.run_rows / checkpoint_details are the --json output, and
+    the table of `checkpoints show RUN` marks the best and the latest file that runs.checkpoint_files found."""
+    from pathlib import Path
+
+    from charrnn import runs
+
+    rows = runs.run_rows(Path("checkpoints"))
+    assert [json.loads(l) for l in run_cli("checkpoints", "list", "--json").stdout.splitlines()] == rows
+    details = runs.checkpoint_details(Path("checkpoints/demo"))
+    shown = run_cli("checkpoints", "show", "checkpoints/demo", "--json")
+    assert json.loads(shown.stdout) == json.loads(json.dumps(details, default=str))
+    assert details["step"] == rows[0]["last_step"] or details["checkpoint"] == rows[0]["best_path"]
+    files = runs.checkpoint_files(Path("checkpoints/demo"))
+    assert files[-1]["mark"] in ("latest", "best") and any(f["mark"] == "best" for f in files)
+    card = run_cli("checkpoints", "show", "checkpoints/demo")
+    assert card.exit_code == 0
+    for fragment in (details["checkpoint"], f"{details['step']} of {details['total_steps']}", "M params",
+                     f"{details['vocab_size']} characters", *(f["file"] for f in files)):
+        assert fragment in card.stderr
+
+
+def test_help_does_not_import_torch():
+    """`charrnn --help` starts fast: the app and every command module load without torch."""
+    code = ("import atexit, sys; atexit.register(lambda: print('torch' in sys.modules, file=sys.stderr)); "
+            "sys.argv = ['charrnn', '--help']; from charrnn.cli import main; main()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "checkpoints" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == "False"
+
+
+def test_shell_completion(tmp_path):
+    """Typer's completion is on: the script installs for a shell, and it completes sub-commands and choices."""
+    import os
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "charrnn")
+    r = subprocess.run([exe, "--show-completion", "bash"], capture_output=True, text=True)
+    assert r.returncode == 0 and "_CHARRNN_COMPLETE" in r.stdout
+
+    def complete(line: str) -> list[str]:
+        words = line.split(" ")
+        env = {**os.environ, "_CHARRNN_COMPLETE": "complete_bash", "COMP_WORDS": line,
+               "COMP_CWORD": str(len(words) - 1)}
+        done = subprocess.run([exe], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert set(complete("charrnn checkpoints ")) >= {"list", "show", "prune"}
+    assert set(complete("charrnn train --cell ")) == {"lstm", "gru", "rnn", "peephole", "coupled", "mlstm"}

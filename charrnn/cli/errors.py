@@ -1,7 +1,4 @@
-"""The decorator every CLI command shares: library errors become one line on stderr and an exit code.
-
-Its own module so that command modules beside cli.py (cli_corpus.py) can use it without an import cycle.
-"""
+"""The decorator every CLI command shares: library errors become one line on stderr and an exit code."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from charrnn.cli_errors import handle_errors
+from charrnn.cli.errors import handle_errors
+from charrnn.cli.options import Quiet
 
 corpus_app = typer.Typer(help="Known public corpora: list them, download them with a checksum.", no_args_is_help=True)
 
@@ -56,7 +57,7 @@ def corpus_get(
         "--mirror", envvar="CHARRNN_MIRROR", show_default=False,
         help="A folder or base URL (http://...) holding the same file names, used instead of the original source.")] = None,
     dir: DirOption = Path("corpora"),
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    quiet: Quiet = False,
 ):
     """Download corpora into ./corpora/ (or --dir), verify their SHA-256, and print their paths on stdout."""
     from charrnn import corpora, ui

@@ -1,6 +1,6 @@
 """Training throughput of each cell at the same width: chars/s of forward + backward + Adam step.
 
-Usage: python scripts/bench_cells.py [--hidden 256 --layers 2 --seq-len 128 --batch-size 32 --steps 5]
+Usage: python benchmarks/cells.py [--hidden 256 --layers 2 --seq-len 128 --batch-size 32 --steps 5]
 
 The CPU is shared, so besides wall-clock chars/s it reports chars per CPU-second of this
 process (one thread), which is what the cells' relative speed is judged on; cells are run in

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from charrnn.cli_errors import handle_errors
+from charrnn.cli.errors import handle_errors
 
 cache_app = typer.Typer(help="The encoded-corpus cache: list its entries, free its space.", no_args_is_help=True)
 

@@ -6,29 +6,22 @@ torch is imported inside the commands, so `charrnn --help` starts fast.
 from __future__ import annotations
 
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from charrnn.cli_errors import handle_errors
+from charrnn.cli.errors import handle_errors
+from charrnn.cli.options import CheckpointArg, StateKind
 
 neuron_app = typer.Typer(help="Find the sentiment unit of a model, and show a unit's value over text.",
                          no_args_is_help=True)
 
 
-class StateKind(str, Enum):
-    """A state part a unit is read or fixed on (also `sample --state`)."""
-
-    c = "c"
-    h = "h"
-
-
 @neuron_app.command("find")
 @handle_errors
 def find(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run folder.")],
+    checkpoint: CheckpointArg,
     labeled: Annotated[Path, typer.Argument(help="Labeled TSV (label<TAB>text) to fit on.")],
     test: Annotated[Optional[Path], typer.Option(help="Labeled TSV to score on \\[default: a 20% split of LABELED].", show_default=False)] = None,
     val: Annotated[Optional[Path], typer.Option(help="Labeled TSV to choose the regularisation on \\[default: a 20% split of LABELED].", show_default=False)] = None,
@@ -78,7 +71,7 @@ def find(
 @neuron_app.command("show")
 @handle_errors
 def show(
-    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or run folder.")],
+    checkpoint: CheckpointArg,
     text: Annotated[Optional[str], typer.Argument(help="Text to show (or --file).", show_default=False)] = None,
     file: Annotated[Optional[Path], typer.Option(help="Read the text from this file.")] = None,
     neuron: Annotated[Optional[int], typer.Option(min=0, help="Show this top-layer unit \\[default: the checkpoint's sentiment unit].", show_default=False)] = None,

@@ -1,0 +1,75 @@
+"""`charrnn sample`: text from a checkpoint, streamed to stdout, optionally steered by one unit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from charrnn.cli.errors import handle_errors
+from charrnn.cli.options import HOME, Device, Precision, RunDevice, Sentiment, StateKind
+
+
+@handle_errors
+def sample(
+    checkpoint: Annotated[Optional[Path], typer.Argument(help="Checkpoint or run folder \\[default: the latest run's best].", show_default=False)] = None,
+    temp: Annotated[float, typer.Option("--temp", "--temperature", help="Temperature; 0 = greedy.")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely characters; 0 = all.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set reaching probability p; 1 = all.")] = 1.0,
+    length: Annotated[int, typer.Option(help="Characters to generate after the prime (one sample streams in constant memory, any length; --num N and --jsonl hold the texts).")] = 500,
+    prime: Annotated[str, typer.Option(help="Text to start from (included in the output).")] = "",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
+    num: Annotated[int, typer.Option(help="Number of samples.")] = 1,
+    jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per sample: {"text": ...}.')] = False,
+    device: RunDevice = Device.cpu,
+    dir: Annotated[Path, typer.Option("--dir", help="Where runs live, when no checkpoint is named.")] = HOME,
+    sentiment: Annotated[Optional[Sentiment], typer.Option(help="Fix the checkpoint's sentiment unit at its positive or negative value, every step (guided by 0.25 unless --guidance says otherwise).", show_default=False)] = None,
+    neuron: Annotated[Optional[int], typer.Option(min=0, help="Fix this top-layer unit (with --value).", show_default=False)] = None,
+    value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
+    state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from own + G * (own - opposite) logits; 0 = plain fixing \\[default: 0.25 with --sentiment, else 0].", show_default=False)] = None,
+    precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = bf16 on a CPU with native bf16 for models of 2M+ parameters or 16+ streams, else fp32.")] = Precision.auto,
+):
+    """Generate text from a checkpoint. Text goes to stdout as it is generated."""
+    from charrnn import ui
+    from charrnn.config import check_finite
+    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, stream_chars, validate
+    from charrnn.checkpoint import load_model
+    from charrnn.train import pick_device
+
+    check_finite(value=value)
+    if guidance is None:
+        guidance = SENTIMENT_GUIDANCE if sentiment is not None else 0.0
+    cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
+                       precision=precision.value, guidance=guidance)
+    validate(cfg)
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir, on_warn=ui.warn)
+    from charrnn.neuron.steer import steering_hook
+
+    hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
+                            state.value if state else None, guided_rows=num if guidance > 0 else 0)
+    kept, unknown = clean_prime(prime, vocab)
+    if unknown:
+        ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
+    cfg.prime = kept
+    stream = num == 1 and not jsonl
+    if stream:
+        from charrnn.sample import default_prime
+
+        sys.stdout.write(kept or default_prime(vocab))
+        sys.stdout.flush()
+        for chars in stream_chars(model, vocab, cfg, hook=hook):  # nothing kept: --length can be any size
+            sys.stdout.write(chars[0])
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    texts = generate(model, vocab, cfg, hook=hook)
+    for i, t in enumerate(texts):
+        if jsonl:
+            sys.stdout.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        else:
+            sys.stdout.write(("\n" if i else "") + t + "\n")
+    sys.stdout.flush()
