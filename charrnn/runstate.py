@@ -1,4 +1,4 @@
-"""A run's progress: everything besides weights and optimiser that a checkpoint carries for an exact resume, and the timing of one session.
+"""A run's progress (all a checkpoint carries for an exact resume besides weights and optimiser) and one session's timing."""
 
 from __future__ import annotations
 
