@@ -1,8 +1,9 @@
-"""A run's progress: everything besides weights and optimiser that a checkpoint carries for an exact resume."""
+"""A run's progress (all a checkpoint carries for an exact resume besides weights and optimiser) and one session's timing."""
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 
 from charrnn.config import DEFAULT_MAX_EPOCHS, EVALS_PER_RUN, TrainConfig, time_budget
@@ -84,3 +85,20 @@ class RunState:
     def out_of_patience(self, patience: int) -> bool:
         """--patience evaluations in a row without a new best, before the schedule's end."""
         return bool(patience) and self.evals_since_best >= patience and self.step < self.total_steps
+
+
+class Session:
+    """Timing of this session (a resumed run adds to the time saved): elapsed time and recent speed."""
+
+    def __init__(self, state: RunState):
+        self.t0, self.elapsed_base, self.step0 = time.perf_counter(), state.elapsed_s, state.step
+        self.last_log_t, self.last_log_chars = self.t0, state.chars_seen
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.elapsed_base + ((now if now is not None else time.perf_counter()) - self.t0)
+
+    def recent_speed(self, now: float, chars_seen: int) -> float:
+        """Characters per second since the last call."""
+        cps = (chars_seen - self.last_log_chars) / max(now - self.last_log_t, 1e-9)
+        self.last_log_t, self.last_log_chars = now, chars_seen
+        return cps

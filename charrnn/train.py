@@ -26,7 +26,7 @@ from charrnn.errors import DistributedError
 from charrnn.evaluation import evaluate
 from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
 from charrnn.recovery import Recovery, judge
-from charrnn.runstate import RunState
+from charrnn.runstate import Session
 
 LOG_EVERY = 10  # steps between StepEvents and metrics lines
 
@@ -44,23 +44,6 @@ def lr_at(step: int, total: int, cfg: TrainConfig, scale: float = 1.0) -> float:
 def _receiver(callback: TrainEvents | None) -> TrainEvents:
     """Only the main process reports (the others' events would repeat its own)."""
     return (callback or TrainEvents()) if Dist.from_env().main else TrainEvents()
-
-
-class _Session:
-    """Timing of this session (a resumed run adds to the time saved): elapsed time and recent speed."""
-
-    def __init__(self, state: RunState):
-        self.t0, self.elapsed_base, self.step0 = time.perf_counter(), state.elapsed_s, state.step
-        self.last_log_t, self.last_log_chars = self.t0, state.chars_seen
-
-    def elapsed(self, now: float | None = None) -> float:
-        return self.elapsed_base + ((now if now is not None else time.perf_counter()) - self.t0)
-
-    def recent_speed(self, now: float, chars_seen: int) -> float:
-        """Characters per second since the last call."""
-        cps = (chars_seen - self.last_log_chars) / max(now - self.last_log_t, 1e-9)
-        self.last_log_t, self.last_log_chars = now, chars_seen
-        return cps
 
 
 class Trainer:
@@ -124,7 +107,7 @@ class Trainer:
         st = self.state
         self.model.train()
         self.events.on_start(self._start_event())
-        session = _Session(st)
+        session = Session(st)
         self.recovery.snapshot(self.carry)
         while True:
             reason = self._stop_reason(session)
@@ -144,7 +127,7 @@ class Trainer:
                     break
         return self._finish(reason, session)
 
-    def _stop_reason(self, session: _Session) -> str | None:
+    def _stop_reason(self, session: Session) -> str | None:
         """"done" at the schedule's end or the budget's, "interrupted" after a signal, else None."""
         st = self.state
         st.elapsed_s = session.elapsed()
@@ -210,7 +193,7 @@ class Trainer:
         self.carry = self.recovery.restore()
         self._warn(self.recovery.halve_lr(bad_step, save=lambda: self.save(None)))
 
-    def _estimate_total(self, session: _Session) -> None:
+    def _estimate_total(self, session: Session) -> None:
         """For a time budget: fit the schedule's length to the speed measured so far (after 20 and 100
         steps of this session, then at every evaluation)."""
         st = self.state
@@ -237,7 +220,7 @@ class Trainer:
             time_budget_s=st.time_budget_s, device=str(self.device), resumed_from=st.step or None,
         )
 
-    def _report_step(self, session: _Session, loss: float, norm: float) -> None:
+    def _report_step(self, session: Session, loss: float, norm: float) -> None:
         st = self.state
         now = time.perf_counter()
         rec = {
@@ -250,7 +233,7 @@ class Trainer:
                                       recent_chars_per_s=session.recent_speed(now, st.chars_seen),
                                       time_budget_s=st.time_budget_s))
 
-    def _eval_and_save(self, session: _Session) -> None:
+    def _eval_and_save(self, session: Session) -> None:
         st = self.state
         val, _ = evaluate(self.model, self.val_data, self.cfg.eval_chars, device=self.device, dist=self.dist)
         if not math.isfinite(val):
@@ -278,7 +261,7 @@ class Trainer:
             self.events.on_save(event)
         return self.folder.checkpoint_path(step)
 
-    def _finish(self, reason: str, session: _Session) -> EndEvent:
+    def _finish(self, reason: str, session: Session) -> EndEvent:
         st = self.state
         st.elapsed_s = session.elapsed()
         path = None
