@@ -18,27 +18,9 @@ import torch
 from charrnn import checkpoint as ckm
 from charrnn.errors import CheckpointDamaged, CheckpointError
 from conftest import TINY, make_text, run_cli
+from test_reliability import cli, error_line
 
 # ---------------------------------------------------------------- helpers
-
-
-def cli(*args):
-    """The CLI in-process; a crash (a traceback) fails the test instead of passing as an exit code."""
-    from typer.testing import CliRunner
-
-    from charrnn.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise AssertionError(f"crashed: {result.exception!r}\n{result.output}")
-    return result
-
-
-def error_line(result) -> str:
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
