@@ -79,3 +79,13 @@ class Recorder(TrainEvents):
 
 
 TINY = ["--hidden", "32", "--layers", "1", "--seq-len", "16", "--batch-size", "8", "-q"]
+
+
+def cut_after(run: Path, step: int) -> None:
+    """The run folder as a kill right after step `step`'s save would leave it: later checkpoints gone."""
+    from charrnn import checkpoint as ckm
+
+    for i in ckm.list_checkpoints(run):
+        if i.step > step:
+            i.path.unlink()
+            ckm.sidecar(i.path).unlink()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from charrnn import checkpoint as ckm
 from charrnn.data import encode
-from conftest import TINY, make_text
+from conftest import TINY, cut_after, make_text
 from test_reliability import cli, start, wait_for
 from test_runs import charrnn_error, dead_pid
 
@@ -95,20 +95,12 @@ def test_cache_list_and_clear(tmp_path, corpus):
 # ---------------------------------------------------------------- the fingerprint in checkpoints
 
 
-def _cut_after(run: Path, step: int) -> None:
-    """The run as a kill right after step `step`'s save would leave it."""
-    for i in ckm.list_checkpoints(run):
-        if i.step > step:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
-
-
 def test_resume_refuses_a_changed_corpus_unless_allowed(tmp_path, corpus):
     run = tmp_path / "run"
     assert cli("train", corpus, *TINY, "--steps", "16", "--eval-every", "8", "--keep", "5", "--run", run).exit_code == 0
     sha = hashlib.sha256(corpus.read_bytes()).hexdigest()
     assert ckm.load(run / ckm.ckpt_name(16))["train"]["corpus_sha256"] == [sha]
-    _cut_after(run, 8)
+    cut_after(run, 8)
     st = corpus.stat()
     lines = corpus.read_text().splitlines(keepends=True)
     corpus.write_text("".join(reversed(lines)))  # the same size and characters, other text
@@ -141,7 +133,7 @@ def test_a_run_without_fingerprints_resumes_as_before(tmp_path, corpus):
     t.corpus_sha256 = None
     t.run()
     assert ckm.load(run / ckm.ckpt_name(8))["train"].get("corpus_sha256") is None
-    _cut_after(run, 8)
+    cut_after(run, 8)
     corpus.write_text(corpus.read_text()[::-1])
     r = cli("train", "--resume", run, "-q")
     assert r.exit_code == 0, r.output

@@ -17,7 +17,7 @@ import torch
 
 from charrnn import checkpoint as ckm
 from charrnn.errors import CheckpointDamaged, CheckpointError
-from conftest import TINY, make_text, run_cli
+from conftest import TINY, cut_after, make_text, run_cli
 from test_reliability import cli, error_line
 
 # ---------------------------------------------------------------- helpers
@@ -264,10 +264,7 @@ def test_save_redoes_a_step_whose_file_is_damaged(run, tmp_path):
     damaged = tmp_path / "damaged40"
     shutil.copy(run / ckm.ckpt_name(40), damaged)
     flip_in_weights(damaged)
-    for i in ckm.list_checkpoints(run):
-        if i.step > 30:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
+    cut_after(run, 30)
     events = []
     trainer = Trainer.resume(run, callback=Warnings())
     shutil.copy(damaged, run / ckm.ckpt_name(40))  # damaged under the resumed run's feet
@@ -353,10 +350,7 @@ def test_a_run_saved_as_pt_resumes_exactly(run, tmp_path):
     """A run as today's main leaves it (torch.save'd .pt files and their sidecars) resumes exactly."""
     full = tmp_path / "full"
     shutil.copytree(run, full)
-    for i in ckm.list_checkpoints(run):
-        if i.step > 20:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
+    cut_after(run, 20)
     for step in (10, 20):
         as_legacy(run / ckm.ckpt_name(step))
     assert [p.suffix for p in ckm.checkpoint_paths(run)] == [".pt", ".pt"]

@@ -22,7 +22,7 @@ from charrnn.errors import UsageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.sample import SampleConfig, generate
 from charrnn.train import Trainer
-from conftest import run_cli
+from conftest import cut_after, run_cli
 
 POS = ["great", "wonderful", "loved", "superb", "fine"]
 NEG = ["awful", "boring", "hated", "dull", "poor"]
@@ -168,10 +168,7 @@ def test_binding_resume_is_exact(tmp_path, read):
     Trainer.new([tsv], cfg, run_dir=tmp_path / "full").run()
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
-    for i in ckm.list_checkpoints(cut):
-        if i.step > 10:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
+    cut_after(cut, 10)
     Trainer.resume(cut).run()
     a = ckm.load(tmp_path / "full" / ckm.ckpt_name(30))
     b = ckm.load(cut / ckm.ckpt_name(30))
@@ -559,10 +556,7 @@ def test_resume_of_a_bound_run_saved_before_the_change_is_exact(tmp_path):
     Trainer.new([tsv], cfg, run_dir=tmp_path / "full").run()
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
-    for i in ckm.list_checkpoints(cut):
-        if i.step > 10:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
+    cut_after(cut, 10)
     path = cut / ckm.ckpt_name(10)
     ck = ckm.load(path)
     ck["train"]["config"] = old_config(ck["train"]["config"])

@@ -11,7 +11,7 @@ from charrnn import checkpoint as ckm
 from charrnn.config import TrainConfig
 from charrnn.train import Trainer, lr_at
 
-from conftest import Recorder, make_text
+from conftest import Recorder, cut_after, make_text
 
 SMALL = dict(hidden=32, layers=1, seq_len=16, batch_size=8, threads=1)
 
@@ -58,10 +58,7 @@ def test_resume_is_exact(corpus, tmp_path):
     # the state after step 20 as a kill right after that save would leave it
     cut = tmp_path / "cut"
     shutil.copytree(run, cut)
-    for i in ckm.list_checkpoints(cut):
-        if i.step > 20:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
+    cut_after(cut, 20)
     trainer = Trainer.resume(cut)
     assert trainer.state.step == 20
     summary = trainer.run()
@@ -135,10 +132,7 @@ def test_resume_of_a_checkpoint_from_before_the_eval_interval_moved(corpus, tmp_
     _train(corpus, run, steps=60, keep=20)  # no --eval-every: the run chooses every 6 steps
     cut = tmp_path / "cut"
     shutil.copytree(run, cut)
-    for i in ckm.list_checkpoints(cut):
-        if i.step > 30:
-            i.path.unlink()
-            ckm.sidecar(i.path).unlink()
+    cut_after(cut, 30)
     path = ckm.resolve(cut)
     old = ckm.load(path)
     assert old["train"]["config"]["eval_every"] is None and old["train"]["state"]["eval_every"] == 6
