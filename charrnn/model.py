@@ -4,9 +4,12 @@ Cells. `lstm`, `gru` and `rnn` run on PyTorch's fused kernels (nn.LSTM/GRU/RNN; 
 names, `rnn.weight_ih_l0` etc., are what checkpoints hold). `peephole`, `coupled` and `mlstm` are
 written out below as the lecture's equations, one small `step` per cell, and share one recurrence
 path (`recur`): the input projections of all time steps in one matmul, then only the recurrent
-part step by step. Measured on the 2-core CPU (benchmarks/cells.py), plain eager PyTorch was the
-fastest way to run that loop: TorchScript gave no gain and torch.compile took ~30 s to compile and
-then ran slower, so there is nothing to compile and nothing to fall back from.
+part step by step. Measured on the 2-core CPU (benchmarks/cells.py), TorchScript gave no gain on
+that loop and torch.compile took ~30 s to compile and then ran slower, so nothing is compiled.
+What did pay is the mLSTM's `sequence`: the whole layer as one autograd.Function (`MLSTMSequence`)
+with a hand-written backward, used whenever no hook reaches the layer and autocast is off; it
+gives the same numbers as `recur` over `step` (tests/test_cells.py) at about twice the speed
+(docs/cells.md). Sampling (`CharRNN.step`) still runs the cells' `step`.
 
 State. Every cell's state is a tuple of tensors of shape (layers, B, H): (h, c) for LSTM-like
 cells (lstm, peephole, coupled, mlstm), (h,) for GRU and RNN. Callers never look inside it; they
@@ -19,7 +22,8 @@ tuple of (B, H) tensors ((h, c) or (h,)). Return it unchanged, or edited (e.g. o
 top layer's c fixed to a value: `if layer == top: c = c.clone(); c[:, k] = v`); what it returns is
 what the next step sees. Layers run bottom to top, each over the whole sequence. A hook with an
 attribute `first_layer = k` promises to leave layers below k alone: those then run on the fused
-kernel (the sentiment binding hooks only the top layer, and trains at close to full speed).
+kernel, or the mLSTM's whole-sequence path (the sentiment binding hooks only the top layer, and
+trains at close to full speed).
 `charrnn gradients` uses the hook to reach every hidden state; `step(idx, state, hook)` calls the
 same hook (with t = 0) after each layer of a single step, so sampling with a fixed unit sees
 exactly what training with it saw.
@@ -145,6 +149,87 @@ class MultiplicativeLSTM(CustomCell):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t * C_{t-1} + i_t * C~_t
         return torch.sigmoid(o) * torch.tanh(c), c  # h_t = o_t * tanh(C_t)
 
+    def sequence(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        """All T steps at once, the same maths as `step` in a loop: x (B, T, E) -> outputs (B, T, H), final (h, c)."""
+        xp = self.in_proj(x.transpose(0, 1))  # (T, B, 5H), time-major so that each step's slice is contiguous
+        out, h, c = MLSTMSequence.apply(xp, state[0], state[1], self.weight_mh, self.weight_hh)
+        # batch-major and contiguous, as `recur` returns it: dropout draws its mask in memory order
+        return out.transpose(0, 1).contiguous(), (h, c)
+
+
+class MLSTMSequence(torch.autograd.Function):
+    """A whole mLSTM layer over T steps with a hand-written backward: the same maths as
+    `MultiplicativeLSTM.step` in a loop, at a fraction of autograd's per-step cost.
+
+    Forward: two matmuls and seven elementwise ops per step, written into preallocated (T, B, .)
+    buffers. Backward: the derivatives that do not depend on the recurrence are computed for all
+    steps at once, the loop over time does two matmuls and five elementwise ops per step, and the
+    recurrent weights' gradients are one matmul each over the stacked steps.
+    Inputs are time-major: xp (T, B, 5H) = [W_mx x_t | W_x x_t + b], h0 and c0 (B, H).
+    """
+
+    @staticmethod
+    def forward(ctx, xp, h0, c0, w_mh, w_hh):
+        T, B, H = xp.shape[0], xp.shape[1], h0.shape[1]
+        mx, gx = xp[..., :H], xp[..., H:]  # (T, B, H), (T, B, 4H)
+        hs = xp.new_empty(T + 1, B, H)  # h_{t-1} for t = 0..T: hs[0] = h0, hs[1:] the outputs
+        cs = xp.new_empty(T + 1, B, H)  # C_{t-1} likewise
+        a = xp.new_empty(T, B, H)  # W_mh h_{t-1}
+        m = xp.new_empty(T, B, H)  # m_t
+        gates = xp.new_empty(T, B, 4 * H)  # sigma(i), sigma(f), tanh(g), sigma(o)
+        tc = xp.new_empty(T, B, H)  # tanh(C_t)
+        z = xp.new_empty(B, 4 * H)  # one step's gate pre-activations
+        hs[0], cs[0] = h0, c0
+        w_mh_t, w_hh_t = w_mh.t(), w_hh.t()
+        for t in range(T):
+            torch.mm(hs[t], w_mh_t, out=a[t])
+            torch.mul(mx[t], a[t], out=m[t])  # m_t = (W_mx x_t) * (W_mh h_{t-1})
+            torch.addmm(gx[t], m[t], w_hh_t, out=z)  # gates from x_t and m_t
+            g = gates[t]
+            torch.sigmoid(z, out=g)
+            torch.tanh(z[:, 2 * H:3 * H], out=g[:, 2 * H:3 * H])
+            torch.mul(g[:, H:2 * H], cs[t], out=cs[t + 1])  # C_t = f_t * C_{t-1} + i_t * C~_t
+            cs[t + 1].addcmul_(g[:, :H], g[:, 2 * H:3 * H])
+            torch.tanh(cs[t + 1], out=tc[t])
+            torch.mul(g[:, 3 * H:], tc[t], out=hs[t + 1])  # h_t = o_t * tanh(C_t)
+        ctx.save_for_backward(xp, w_mh, w_hh, hs, cs, a, m, gates, tc)
+        return hs[1:], hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out, d_hT, d_cT):
+        xp, w_mh, w_hh, hs, cs, a, m, gates, tc = ctx.saved_tensors
+        T, B, H = a.shape
+        mx = xp[..., :H]
+        i, f, g, o = gates.view(T, B, 4, H).unbind(2)
+        # the parts of dL/dz that do not depend on the recurrence, for every step at once
+        k_c = o * (1 - tc * tc)  # dC_t/dh_t's share: dC += dh * o (1 - tanh^2 C)
+        k_o = tc * o * (1 - o)  # dz_o = dh * tanh(C) o (1 - o)
+        k_ifg = torch.stack([g * i * (1 - i), cs[:-1] * f * (1 - f), i * (1 - g * g)], 2)  # (T, B, 3, H)
+        dxp = xp.new_empty(T, B, 5 * H)
+        dz = dxp[..., H:].view(T, B, 4, H)  # dL/d(gate pre-activations) = dL/d(W_x x_t + b)
+        dm = xp.new_empty(T, B, H)
+        da = xp.new_empty(T, B, H)
+        dh = d_out[T - 1] if d_out is not None else xp.new_zeros(B, H)
+        if d_hT is not None:
+            dh = dh + d_hT
+        dc_f = d_cT if d_cT is not None else xp.new_zeros(B, H)  # dL/dC_t through C_{t+1} = f C_t + ...
+        for t in range(T - 1, -1, -1):
+            if t < T - 1:
+                dh = torch.addmm(d_out[t], da[t + 1], w_mh) if d_out is not None else da[t + 1] @ w_mh
+            dc = torch.addcmul(dc_f, dh, k_c[t])
+            torch.mul(dc.unsqueeze(1), k_ifg[t], out=dz[t, :, :3])
+            torch.mul(dh, k_o[t], out=dz[t, :, 3])
+            dc_f = dc * f[t]
+            torch.mm(dz[t].view(B, 4 * H), w_hh, out=dm[t])
+            torch.mul(dm[t], mx[t], out=da[t])  # dL/d(W_mh h_{t-1})
+        dh0 = da[0] @ w_mh
+        torch.mul(dm, a, out=dxp[..., :H])  # dL/d(W_mx x_t)
+        dz2 = dz.reshape(T * B, 4 * H)
+        d_w_hh = dz2.t() @ m.view(T * B, H)  # sum over t of dz_t^T m_t, in one matmul
+        d_w_mh = da.view(T * B, H).t() @ hs[:-1].reshape(T * B, H)
+        return dxp, dh0, dc_f, d_w_mh, d_w_hh
+
 
 CUSTOM = {"peephole": PeepholeLSTM, "coupled": CoupledLSTM, "mlstm": MultiplicativeLSTM}
 
@@ -194,6 +279,17 @@ def recur(cell, xp: torch.Tensor, state: LayerState, hook: Hook | None = None,
             state = hook(layer, t, state)
         outs.append(state[0])
     return torch.stack(outs, 1), state
+
+
+def _whole_sequence(cell, x: torch.Tensor, hook: Hook | None, layer: int) -> bool:
+    """Whether this layer runs as one `cell.sequence` call instead of `recur`: the cell has one
+    (mlstm), no hook reaches this layer (a hook's `first_layer` leaves the layers below alone), and
+    no autocast is on (the hand-written backward works in the tensors' own dtype)."""
+    if not hasattr(cell, "sequence") or x.shape[1] == 0:
+        return False
+    if hook is not None and layer >= getattr(hook, "first_layer", 0):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
 
 
 # ---------------------------------------------------------------- the model
@@ -268,8 +364,12 @@ class CharRNN(nn.Module):
                 continue
             if layer > 0:
                 x = self.drop(x)  # between layers, as nn.LSTM's dropout
-            xp = cell.in_proj(x)  # (B, T, G): every step's input projection in one matmul
-            x, last = recur(cell, xp, tuple(s[layer] for s in state), hook, layer)  # (B, T, H)
+            layer_state = tuple(s[layer] for s in state)
+            if _whole_sequence(cell, x, hook, layer):
+                x, last = cell.sequence(x, layer_state)  # (B, T, H)
+            else:
+                xp = cell.in_proj(x)  # (B, T, G): every step's input projection in one matmul
+                x, last = recur(cell, xp, layer_state, hook, layer)  # (B, T, H)
             finals.append(last)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
 

@@ -228,3 +228,93 @@ def test_gradients_command_failures(corpus, tmp_path):
     assert r.exit_code == 2 and "lower --k" in r.stderr
     r = run_cli("gradients", "nowhere", corpus)
     assert r.exit_code == 1 and r.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------- the mLSTM's whole-sequence path
+
+
+def identity(layer, t, state):
+    """A hook that changes nothing: it sends every layer through the step-by-step equations (`recur`)."""
+    return state
+
+
+def mlstm_and_batch(dtype, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    m = CharRNN(ModelConfig(vocab_size=7, cell="mlstm", layers=2, hidden=6, embed=4, dropout=dropout)).to(dtype)
+    idx, y = torch.randint(0, 7, (3, 9)), torch.randint(0, 7, (3, 9))
+    state = tuple(torch.randn_like(s) for s in m.init_state(3))
+    return m, idx, y, state
+
+
+def outputs_and_grads(m, idx, y, state, hook=None, seed=0):
+    """Logits, final state and the gradients of every parameter and of the initial state, for a
+    loss that also reads the final state (as a carried state's next window would)."""
+    state = tuple(s.clone().requires_grad_() for s in state)
+    torch.manual_seed(seed)  # the same dropout masks for both paths
+    logits, loss, final = m(idx, y, state, hook=hook)
+    total = loss + (final[0] * 0.7).sum() + (final[1] * -1.3).sum()
+    grads = torch.autograd.grad(total, list(m.parameters()) + list(state))
+    return [logits, *final, *grads]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_mlstm_whole_sequence_matches_the_step_equations(dtype, tol, dropout):
+    """The hand-written forward and backward give the step loop's outputs, final state and every gradient
+    (parameters and initial state), with a non-zero initial state and with dropout between layers."""
+    m, idx, y, state = mlstm_and_batch(dtype, dropout)
+    m.train()
+    fast = outputs_and_grads(m, idx, y, state)
+    slow = outputs_and_grads(m, idx, y, state, hook=identity)
+    assert len(fast) == 2 + 1 + len(list(m.parameters())) + 2
+    for a, b in zip(fast, slow):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_mlstm_whole_sequence_runs_only_without_a_hook_on_the_layer():
+    """A hook with first_layer = 1 sees only the top layer, and the result equals hooking every layer."""
+    m, idx, y, state = mlstm_and_batch(torch.float64)
+    seen = []
+
+    def top_only(layer, t, s):
+        seen.append(layer)
+        return s
+
+    top_only.first_layer = 1
+    fast_bottom = outputs_and_grads(m, idx, y, state, hook=top_only)
+    assert set(seen) == {1} and len(seen) == idx.shape[1]
+    for a, b in zip(fast_bottom, outputs_and_grads(m, idx, y, state, hook=identity)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_mlstm_sampling_steps_match_the_whole_sequence():
+    """`step`, one character at a time (sampling), reads the same logits as training's whole-sequence path."""
+    m, idx, _, state = mlstm_and_batch(torch.float64)
+    m.eval()
+    with torch.no_grad():
+        logits, _, final = m(idx, state=state)
+        s = state
+        for t in range(idx.shape[1]):
+            step_logits, s = m.step(idx[:, t], s)
+            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-10, rtol=1e-10)
+    for a, b in zip(s, final):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_mlstm_under_autocast_falls_back_to_the_step_equations():
+    """Under CPU autocast the whole-sequence backward (own-dtype maths) is not used: same numbers as the step loop."""
+    m, idx, y, state = mlstm_and_batch(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = outputs_and_grads(m, idx, y, state)
+        slow = outputs_and_grads(m, idx, y, state, hook=identity)
+    for a, b in zip(fast, slow):
+        assert torch.equal(a, b)
+
+
+def test_mlstm_parameter_names_are_unchanged():
+    """Old mlstm checkpoints load: the whole-sequence path adds no parameters and renames none."""
+    names = set(CharRNN(ModelConfig(vocab_size=5, cell="mlstm", layers=2, hidden=4)).state_dict())
+    per_layer = ("weight_ih", "weight_hh", "bias", "weight_mx", "weight_mh")
+    expected = {"embedding.weight", "head.weight", "head.bias"} | {f"cells.{i}.{w}" for i in range(2) for w in per_layer}
+    assert names == expected
