@@ -8,8 +8,8 @@ part step by step. Measured on the 2-core CPU (benchmarks/cells.py), TorchScript
 that loop and torch.compile took ~30 s to compile and then ran slower, so nothing is compiled.
 What did pay is the mLSTM's `sequence`: the whole layer as one autograd.Function (`MLSTMSequence`)
 with a hand-written backward, used whenever no hook reaches the layer and autocast is off; it
-gives the same numbers as `recur` over `step` (tests/test_cells.py) at about twice the speed
-(docs/cells.md). Sampling (`CharRNN.step`) still runs the cells' `step`.
+gives the same numbers as `recur` over `step` (tests/test_cells.py), and trained 1.2x (one
+thread) to 1.7x (two threads) faster than it (docs/cells.md). Sampling (`CharRNN.step`) still runs the cells' `step`.
 
 State. Every cell's state is a tuple of tensors of shape (layers, B, H): (h, c) for LSTM-like
 cells (lstm, peephole, coupled, mlstm), (h,) for GRU and RNN. Callers never look inside it; they
