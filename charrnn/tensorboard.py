@@ -3,7 +3,7 @@
 An event file is a sequence of records: length (uint64 LE), its masked CRC-32C, the bytes, their masked
 CRC-32C. Each record is one `Event` protobuf (tensorflow/core/util/event.proto): wall_time (field 1,
 double), step (2, int64), file_version (3, string), summary (5: Summary, whose repeated field 1 is a
-Value with tag (1, string) and simple_value (2, float)) or session_log (6: SessionLog, status field 1).
+Value with tag (1, string) and simple_value (2, float)) or session_log (7: SessionLog, status field 1).
 Those few fields are all a scalar needs, so they are written by hand here rather than through the
 protobuf and tensorboard packages; `read_events` reads them back (the tests check it against
 TensorBoard's own reader too).
@@ -96,7 +96,7 @@ def version_event(wall_time: float) -> bytes:
 
 
 def session_start_event(step: int, wall_time: float) -> bytes:
-    return _event(wall_time, step, _message(6, _key(1, VARINT) + _varint(SESSION_START)))
+    return _event(wall_time, step, _message(7, _key(1, VARINT) + _varint(SESSION_START)))
 
 
 def _fields(buf: bytes):
@@ -166,7 +166,7 @@ def _decode_event(body: bytes) -> dict:
                 parts = {f: x for f, _, x in _fields(v)}
                 if 2 in parts:
                     scalars[parts.get(1, b"").decode()] = struct.unpack("<f", parts[2])[0]
-        elif field == 6:
+        elif field == 7:
             event["session_start"] = any(f == 1 and v == SESSION_START for f, _, v in _fields(value))
     return event
 

@@ -260,11 +260,15 @@ def test_tensorboards_own_reader_reads_the_scalars(corpus, tmp_path):
     """Only where the tensorboard package is installed (it is not in the test extra: about 20 MB of
     wheels beyond charrnn's own, grpcio and a data server included); the reader above checks the same."""
     ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    assert run_cli("train", corpus, *TINY, "--run", "run", "--steps", "40", "--eval-every", "20",
+    assert run_cli("train", corpus, *TINY, "--run", "run", "--steps", "40", "--eval-every", "20", "--keep", "5",
                    "--tensorboard", "tb").exit_code == 0
+    cut_after(Path("run"), 20)  # resumed from step 20: the first session's steps 30 and 40 are logged again
+    assert run_cli("train", "--resume", "run", "-q", "--tensorboard", "tb").exit_code == 0
     acc = ea.EventAccumulator(str(Path("tb/run")))
     acc.Reload()
     assert set(acc.Tags()["scalars"]) == {"loss/train", "loss/val", "lr", "chars_per_s"}
-    evals = [m for m in _lines(Path("run/metrics.jsonl")) if "val_loss" in m]
+    metrics = _lines(Path("run/metrics.jsonl"))
+    evals = [m for m in metrics if "val_loss" in m]
     assert [(s.step, s.value) for s in acc.Scalars("loss/val")] == [
         (m["step"], pytest.approx(m["val_loss"], rel=1e-6)) for m in evals]
+    assert [s.step for s in acc.Scalars("loss/train")] == [10, 20, 30, 40]  # the restart replaced 30 and 40
