@@ -182,6 +182,14 @@ def test_plot_refuses_a_non_run_path_and_an_unknown_format_in_one_line(two_runs,
     r = run_cli("plot", two_runs[0], "-o", "c.pdf")
     assert r.exit_code == 2 and ".png, .svg or .html" in error_line(r)
     assert not Path("c.png").exists() and not Path("c.pdf").exists()
+    early = tmp_path / "early"  # a run before its first evaluation: left out, with a warning
+    early.mkdir()
+    (early / "metrics.jsonl").write_text('{"step": 10, "elapsed_s": 1.0, "chars_per_s": 5.0, "loss": 3.0}\n{"step": 2')
+    r = run_cli("plot", early, "-o", "c.png")
+    assert r.exit_code == 1 and "none of the runs has a validation loss yet" in error_line(r)
+    r = run_cli("plot", early, two_runs[0], "-o", "c.svg")
+    assert r.exit_code == 0 and "early has no validation loss" in r.stderr
+    assert "run-lstm" in Path("c.svg").read_text() and ">early<" not in Path("c.svg").read_text()
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(two_runs, tmp_path):

@@ -30,11 +30,11 @@ def plot(
 
     check_output(output)  # a wrong suffix is said before any run is read
     curves = [read_curve(r) for r in runs]
+    if not any(c.losses for c in curves):
+        raise CheckpointError("none of the runs has a validation loss yet; plot them after their first evaluation")
     for c in curves:
         if not c.losses:
             ui.warn(f"{c.run} has no validation loss in its metrics.jsonl yet; left out")
     curves = [c for c in curves if c.losses]
-    if not curves:
-        raise CheckpointError("none of the runs has a validation loss yet; plot them after their first evaluation")
     size = write_plot(curves, output, x.value)
     ui.info(f"wrote {output} ({ui.fmt_size(size)}): validation loss of {len(curves)} run(s) by {x.value}")
