@@ -82,6 +82,8 @@ class TrainConfig:
     # (the run chooses it, and keeps it in its RunState: for a time budget it follows the measured speed)
     eval_chars: int = 250_000  # characters of validation text scored at each evaluation
     keep: int = 1  # newest checkpoints kept besides the best
+    eval_sample_len: int = 200  # characters of the seeded sample drawn at each evaluation (samples.jsonl); 0: none
+    eval_sample_temp: float = 0.8  # its temperature
     patience: int | None = None  # stop after this many evaluations without a new best; 0: never;
     # None: 5 for a time-budget run (the budget is a limit, not a goal), never for --steps/--epochs
     # hardware
@@ -140,7 +142,7 @@ def validate(cfg: TrainConfig) -> None:
     check_finite(dropout=cfg.dropout, lr=cfg.lr, grad_clip=cfg.grad_clip, epochs=cfg.epochs, time=cfg.time_s,
                  val_frac=cfg.val_frac, min_lr_frac=cfg.min_lr_frac, sentiment_weight=cfg.sentiment.weight,
                  sentiment_fixed=cfg.sentiment.fixed, sentiment_contrast=cfg.sentiment.contrast,
-                 sentiment_value=cfg.sentiment.value)
+                 sentiment_value=cfg.sentiment.value, eval_sample_temp=cfg.eval_sample_temp)
     check_seed(cfg.seed)
     for name in ("layers", "hidden", "seq_len", "batch_size", "steps", "eval_every", "eval_chars", "threads"):
         v = getattr(cfg, name)
@@ -168,6 +170,10 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("give at most one of --steps, --epochs and --time")
     if cfg.patience is not None and cfg.patience < 0:
         raise UsageError(f"--patience must be 0 (never stop early) or more (got {cfg.patience})")
+    if not 0 <= cfg.eval_sample_len <= MAX_SIZE:
+        raise UsageError(f"--eval-sample-len must be from 0 (off) to {MAX_SIZE:,} (got {cfg.eval_sample_len})")
+    if cfg.eval_sample_temp < 0:
+        raise UsageError(f"eval_sample_temp must be 0 (greedy) or more (got {cfg.eval_sample_temp})")
     if cfg.keep < 1:
         raise UsageError(f"--keep must be at least 1 (got {cfg.keep})")
     sc = cfg.sentiment

@@ -55,6 +55,7 @@ class EvalEvent:
     val_loss: float  # nats/char on the held-out text
     val_bpc: float  # the same in bits/char
     best: bool  # the best validation loss of the run so far
+    sample: str | None = None  # the seeded sample drawn after it (TrainConfig.eval_sample_len); None: off
 
 
 @dataclass(frozen=True)
@@ -111,3 +112,34 @@ class TrainEvents:
 
     def on_end(self, e: EndEvent) -> None:
         pass
+
+
+class Receivers(TrainEvents):
+    """Several receivers as one (the progress display and a TensorBoard log, say), called in order."""
+
+    def __init__(self, *receivers: TrainEvents):
+        self.receivers = receivers
+
+    def on_start(self, e: StartEvent) -> None:
+        for r in self.receivers:
+            r.on_start(e)
+
+    def on_step(self, e: StepEvent) -> None:
+        for r in self.receivers:
+            r.on_step(e)
+
+    def on_eval(self, e: EvalEvent) -> None:
+        for r in self.receivers:
+            r.on_eval(e)
+
+    def on_save(self, e: SaveEvent) -> None:
+        for r in self.receivers:
+            r.on_save(e)
+
+    def on_warn(self, e: WarnEvent) -> None:
+        for r in self.receivers:
+            r.on_warn(e)
+
+    def on_end(self, e: EndEvent) -> None:
+        for r in self.receivers:
+            r.on_end(e)

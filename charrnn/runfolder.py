@@ -1,4 +1,4 @@
-"""A run's folder on disk: its checkpoints (saved atomically, with sidecars, rotated) and metrics.jsonl.
+"""A run's folder on disk: its checkpoints (saved atomically, with sidecars, rotated), metrics.jsonl and samples.jsonl.
 
 Only the main process writes; the others hold a RunFolder with main=False, whose writes do nothing.
 """
@@ -25,6 +25,7 @@ from charrnn.events import SaveEvent
 from charrnn.runlock import LOCK_NAME, RunLock
 
 METRICS = "metrics.jsonl"  # one JSON record per line: training steps and evaluations
+SAMPLES = "samples.jsonl"  # one JSON record per evaluation: the seeded sample drawn there
 
 
 def default_run_dir(home: Path, corpus: list[Path], cfg: TrainConfig) -> Path:
@@ -127,6 +128,7 @@ class RunFolder:
     def __init__(self, path: Path, main: bool = True):
         self.path, self.main = path, main
         self.metrics = path / METRICS
+        self.samples = path / SAMPLES
         self.lock: RunLock | None = None  # held (on the main process) from the claim until the run ends
 
     @classmethod
@@ -142,6 +144,7 @@ class RunFolder:
                 if run_dir is not None:
                     refuse_existing_run(folder.path)  # one may have started, saved and ended since the first check
                 folder.metrics.unlink(missing_ok=True)
+                folder.samples.unlink(missing_ok=True)
         return folder
 
     @classmethod
@@ -233,30 +236,40 @@ class RunFolder:
             return False  # unreadable: replace it
 
     def append_metrics(self, record: dict) -> None:
+        self._append(self.metrics, record)
+
+    def append_sample(self, record: dict) -> None:
+        self._append(self.samples, record)
+
+    def _append(self, log: Path, record: dict) -> None:
         if not self.main:
             return
         try:
-            with open(self.metrics, "a") as f:
+            with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise CheckpointError(
-                f"could not write {self.metrics}: {e.strerror or e}; the checkpoints saved so far are kept; "
+                f"could not write {log}: {e.strerror or e}; the checkpoints saved so far are kept; "
                 f"free some disk space and continue with 'charrnn train --resume {self.path}'"
             ) from None
 
     def truncate_metrics(self, step: int) -> None:
-        """Drop metrics lines past the checkpoint being resumed, which the resumed run will redo."""
-        if not self.main or not self.metrics.exists():
+        """Drop metrics and samples lines past the checkpoint being resumed, which the resumed run will redo."""
+        for log in (self.metrics, self.samples):
+            self._truncate(log, step)
+
+    def _truncate(self, log: Path, step: int) -> None:
+        if not self.main or not log.exists():
             return
         kept = []
-        for line in self.metrics.read_text(errors="replace").splitlines():
+        for line in log.read_text(errors="replace").splitlines():
             try:
                 if json.loads(line).get("step", 0) <= step:
                     kept.append(line)
             except (ValueError, AttributeError):
                 continue  # a line cut short by a kill
         try:
-            ckpt_mod.atomic_write_text(self.metrics, "".join(l + "\n" for l in kept))
+            ckpt_mod.atomic_write_text(log, "".join(l + "\n" for l in kept))
         except OSError as e:
             raise CheckpointError(
                 f"cannot resume: {self.path} is not writable ({e.strerror or e}); free some space or make it "

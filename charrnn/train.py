@@ -23,6 +23,7 @@ from charrnn.data import StreamBatcher
 from charrnn.device import autocast_dtype, pick_device  # noqa: F401 (the CLI imports them from here)
 from charrnn.distributed import Dist
 from charrnn.errors import DistributedError
+from charrnn.evalsample import eval_sample
 from charrnn.evaluation import evaluate
 from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
 from charrnn.recovery import Recovery, judge
@@ -246,7 +247,10 @@ class Trainer:
         rec = {"step": st.step, "elapsed_s": round(st.elapsed_s, 3), "chars_per_s": self._speed(),
                "val_loss": val, "val_bpc": val / math.log(2)}
         self.folder.append_metrics(rec)
-        self.events.on_eval(EvalEvent(**rec, best=best, total_steps=st.total_steps))
+        sample = eval_sample(self.model, self.vocab, self.cfg) if self.dist.main else None  # off the training RNG
+        if sample is not None:
+            self.folder.append_sample({"step": st.step, "time_s": rec["elapsed_s"], "val_loss": val, "text": sample})
+        self.events.on_eval(EvalEvent(**rec, best=best, total_steps=st.total_steps, sample=sample))
         self.save(val)
         self._last_saved_step, self._last_val = st.step, val
         self.recovery.snapshot(self.carry)

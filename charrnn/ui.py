@@ -99,8 +99,12 @@ class TrainDisplay(TrainEvents):
         if self.progress is not None:
             self.progress.update(self.task, val=f"{e.val_loss:.3f}")
             self.progress.console.print(line)
+            if e.sample is not None:
+                self.progress.console.print(sample_block(e.sample), style="dim", markup=False, highlight=False)
         else:
             info(line, self.quiet)
+            if e.sample is not None:
+                info(sample_block(e.sample), self.quiet)
 
     def on_warn(self, e: WarnEvent) -> None:
         if self.progress is not None:
@@ -129,6 +133,16 @@ class TrainDisplay(TrainEvents):
             self.progress = None
 
 
+SAMPLE_GUTTER = "  │ "  # marks the lines of an evaluation's sample under its line
+
+
+def sample_block(text: str) -> str:
+    """An evaluation's sample as indented lines; control characters (an escape sequence the model made
+    up would restyle the terminal) shown as U+FFFD, tabs as spaces."""
+    clean = "".join(c if c == "\n" or c.isprintable() else " " if c == "\t" else "\ufffd" for c in text)
+    return "\n".join(SAMPLE_GUTTER + line for line in clean.rstrip("\n").split("\n"))
+
+
 def runs_table(rows: list[dict]) -> None:
     t = Table(title="runs", title_justify="left")
     for col, just in (("run", "left"), ("cell", "left"), ("size", "left"), ("checkpoints", "right"),
@@ -153,6 +167,23 @@ def checkpoints_table(title: str, rows: list[dict]) -> None:
                   "-" if r["val_loss"] is None else f"{r['val_loss'] / math.log(2):.4f}", fmt_size(r["size"]),
                   r["mark"])
     _print_table(t)
+
+
+def loss_curve(curve) -> None:
+    """`checkpoints show RUN`: the run's validation loss by step (a curves.Curve) as a text chart, as wide
+    as the terminal; box-drawing characters where the terminal's encoding has them, ASCII otherwise."""
+    from charrnn.curves import text_chart
+
+    if not curve.losses:
+        info(f"no validation loss in {curve.run}/metrics.jsonl yet")
+        return
+    best, best_step = curve.best()
+    width = min(err.width, 120) if err.is_terminal else 80
+    ascii = not (err.encoding or "").lower().replace("-", "").startswith("utf")
+    info(f"validation loss (nats/char): {curve.losses[0]:.4f} at step {curve.steps[0]} -> {curve.losses[-1]:.4f} "
+         f"at step {curve.steps[-1]}; best {best:.4f} at step {best_step}")
+    for line in text_chart(curve.steps, curve.losses, width=width, ascii=ascii):
+        print(line, file=sys.stderr)  # plain: Rich would read '[' as markup and rewrap the lines
 
 
 def kv_table(title: str, rows: list[tuple[str, str]]) -> None:

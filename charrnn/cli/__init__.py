@@ -20,6 +20,7 @@ from charrnn.cli.cache import cache_app
 from charrnn.cli.checkpoints import checkpoints_app
 from charrnn.cli.corpus import corpus_app
 from charrnn.cli.neuron import neuron_app
+from charrnn.cli.plot import plot
 
 app = typer.Typer(
     help="Train character-level recurrent language models, sample from them, and steer them.",
@@ -33,6 +34,7 @@ app.command()(sample.sample)
 app.command("eval")(evaluate.eval_cmd)
 app.command()(evaluate.gradients)
 app.command()(bench.bench)
+app.command()(plot)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(cache_app, name="cache")

@@ -44,7 +44,7 @@ def checkpoints_show(
     path: Annotated[Path, typer.Argument(help="A run folder or a checkpoint file.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the details as JSON on stdout.")] = False,
 ):
-    """Details of a run or checkpoint: model, training settings, progress, vocabulary, files."""
+    """Details of a run or checkpoint: model, training settings, progress, vocabulary, files; for a run, its validation-loss curve."""
     from charrnn import runs, ui
 
     details = runs.checkpoint_details(path, on_warn=ui.warn)
@@ -54,6 +54,10 @@ def checkpoints_show(
     ui.checkpoint_card(details, runs.format_note(details["checkpoint"], path))
     if path.is_dir():
         ui.checkpoints_table(str(path), runs.checkpoint_files(path, on_warn=ui.warn))
+        if (path / "metrics.jsonl").is_file():
+            from charrnn.curves import read_curve
+
+            ui.loss_curve(read_curve(path))
 
 
 @checkpoints_app.command("prune")

@@ -9,7 +9,7 @@ import typer
 
 from charrnn.cli.errors import handle_errors
 from charrnn.cli.options import HOME, Cell, Device, Quiet
-from charrnn.config import SentimentConfig
+from charrnn.config import SentimentConfig, TrainConfig
 
 
 @handle_errors
@@ -31,6 +31,7 @@ def train(
     val_frac: Annotated[Optional[float], typer.Option(help="Last fraction held out for validation \\[default: 0.1].", show_default=False)] = None,
     eval_every: Annotated[Optional[int], typer.Option(min=1, help="Steps between evaluations and saves \\[default: about 10 per run].", show_default=False)] = None,
     keep: Annotated[Optional[int], typer.Option(min=1, help="Newest checkpoints kept besides the best \\[default: 1].", show_default=False)] = None,
+    eval_sample_len: Annotated[Optional[int], typer.Option(min=0, help=f"Characters of the seeded sample drawn at each evaluation (shown, and kept in the run's samples.jsonl); 0 = none \\[default: {TrainConfig.eval_sample_len}].", show_default=False)] = None,
     patience: Annotated[Optional[int], typer.Option(min=0, help="Stop after this many evaluations without a better validation loss; 0 = never \\[default: 5 for a time budget, 0 with --steps/--epochs].", show_default=False)] = None,
     run: Annotated[Optional[Path], typer.Option("--run", "--run-dir", help="Run folder (--run-dir is the same; use it under torchrun, whose parser takes --run for its own --run-path) \\[default: a new folder under ./checkpoints].", show_default=False)] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder exactly where it stopped.")] = None,
@@ -44,19 +45,25 @@ def train(
     sentiment_fixed: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help=f"With --sentiment-unit: share of reviews whose unit is fixed to their label \\[default: {SentimentConfig.fixed}].", show_default=False)] = None,
     sentiment_forced: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, hidden=True, help="The old name of --sentiment-fixed.")] = None,
     sentiment_read: Annotated[Optional[int], typer.Option(min=0, help=f"With --sentiment-unit: a reading pass of N labeled texts per step, the loss after each one's last character, instead of a loss at every character of free reviews \\[default: {SentimentConfig.read}].", show_default=False)] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(help="Also log train/val loss, learning rate and chars/s for TensorBoard, in DIR/RUN_NAME.", show_default=False)] = None,
     quiet: Quiet = False,
 ):
     """Train a model on CORPUS (or continue one with --resume RUN_DIR)."""
     from charrnn import ui
-    from charrnn.config import TrainConfig, parse_duration
+    from charrnn.config import parse_duration
     from charrnn.errors import UsageError
     from charrnn.train import Trainer
 
-    display = ui.TrainDisplay(quiet=quiet)
+    display = callback = ui.TrainDisplay(quiet=quiet)
+    if tensorboard is not None:
+        from charrnn.events import Receivers
+        from charrnn.tensorboard import TensorBoardEvents
+
+        callback = Receivers(display, TensorBoardEvents(tensorboard))
     if resume is not None:
         if corpus:
             raise UsageError("--resume continues a run on its own corpus; leave out the CORPUS argument")
-        trainer = Trainer.resume(resume, callback=display, threads=threads,
+        trainer = Trainer.resume(resume, callback=callback, threads=threads,
                                  device=device.value if device != Device.auto else None,
                                  allow_changed_corpus=allow_changed_corpus)
     else:
@@ -71,6 +78,7 @@ def train(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
             grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
             keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
+            eval_sample_len=eval_sample_len,
         )
         cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value,
                           sentiment=_sentiment_config(sentiment_unit, sentiment_contrast, sentiment_fixed,
@@ -78,7 +86,7 @@ def train(
                           **{k: v for k, v in given.items() if v is not None})
         if time is not None:
             cfg = TrainConfig.from_dict({**cfg.to_dict(), "time_s": parse_duration(time)})  # the config is frozen
-        trainer = Trainer.new(corpus, cfg, run_dir=run, init_from=init_from, home=HOME, callback=display)
+        trainer = Trainer.new(corpus, cfg, run_dir=run, init_from=init_from, home=HOME, callback=callback)
     # The Trainer takes SIGINT/SIGTERM while it runs and hands them back when its last save is on
     # disk. One that comes after that (the run is complete) must not kill the process on its way
     # out: it is ignored from here on, and cli.main() ends the process without Python's shutdown, during
