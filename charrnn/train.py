@@ -2,8 +2,8 @@
 
 `Trainer` holds the step and the loop; the jobs around them live beside it: building new and
 resumed runs (assemble.py), the run folder (runfolder.py), recovery from bad steps (recovery.py),
-loss spikes (spike.py), evaluation (evaluation.py), device and precision (device.py). Progress goes to a `TrainEvents`
-receiver (events.py); this module never prints.
+loss spikes (spike.py), evaluation (evaluation.py), device and precision (device.py). Progress goes
+to a `TrainEvents` receiver (events.py); this module never prints.
 """
 
 from __future__ import annotations
