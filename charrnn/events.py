@@ -42,6 +42,7 @@ class StepEvent:
     chars_per_s: float  # training characters per second of step time, over the whole run
     recent_chars_per_s: float  # the same since the last StepEvent, wall-clock (evaluations included)
     time_budget_s: float | None  # the wall-clock budget, None for --steps/--epochs
+    lr_scale: float = 1.0  # the peak learning rate's scale, below 1 after rollbacks
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,20 @@ class WarnEvent:
     """Something went wrong that the run recovered from (a skipped step, a rollback)."""
 
     message: str  # one line
+
+
+@dataclass(frozen=True)
+class RollbackEvent:
+    """The run went back to its last good state and lowered the learning rate (or, for a loss spike past
+    the limit on rollbacks, only says it will not roll back again: then to_step is None)."""
+
+    message: str  # one line, as a warning says it
+    reason: str  # "loss spike", "validation spike" or "non-finite" (NaN, infinity or an exploding loss)
+    step: int  # the step at which it was found
+    to_step: int | None  # the step of the state it went back to
+    observed: float | None  # the loss that gave it away: the recent training loss, or the validation loss
+    level: float | None  # what that loss was compared with: the training-loss level, or the best validation loss
+    lr_scale: float  # the peak learning rate's scale from now on
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,10 @@ class TrainEvents:
 
     def on_warn(self, e: WarnEvent) -> None:
         pass
+
+    def on_rollback(self, e: RollbackEvent) -> None:
+        """By default a warning: a receiver that knows only on_warn still hears of it."""
+        self.on_warn(WarnEvent(e.message))
 
     def on_end(self, e: EndEvent) -> None:
         pass

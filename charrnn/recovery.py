@@ -70,6 +70,7 @@ class Recovery:
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "carry": tuple(s.clone() for s in carry),
             "step": self.state.step,
+            "spike": copy.deepcopy(self.state.spike),  # the spike detector's averages at that state
         }
 
     def step_ok(self) -> None:
@@ -86,10 +87,11 @@ class Recovery:
         return self.bad > 0 or not all(torch.isfinite(p).all() for p in self.model.parameters())
 
     def restore(self) -> tuple:
-        """Back to the last good state (weights, optimiser, step); returns its carried state."""
+        """Back to the last good state (weights, optimiser, step, spike detector); returns its carried state."""
         self.model.load_state_dict(self.good["model"])
         self.optimizer.load_state_dict(self.good["optimizer"])
         self.state.step = self.good["step"]
+        self.state.spike = copy.deepcopy(self.good["spike"])
         self.bad = 0
         return tuple(s.clone() for s in self.good["carry"])
 

@@ -22,8 +22,10 @@ class RunState:
     chars_seen: int = 0
     best_val_loss: float | None = None
     best_step: int | None = None
-    lr_scale: float = 1.0  # lowered after a rollback from non-finite values
-    rollbacks: int = 0
+    lr_scale: float = 1.0  # lowered after a rollback (from non-finite values or a loss spike)
+    rollbacks: int = 0  # rollbacks from non-finite or exploding losses (recovery.py)
+    spike_rollbacks: int = 0  # rollbacks from loss spikes (spike.py)
+    spike: dict = field(default_factory=dict)  # the spike detector's averages (spike.SpikeDetector)
     evals_since_best: int = 0  # for --patience
     time_budget_s: float | None = None
     history: list = field(default_factory=list)

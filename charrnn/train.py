@@ -2,8 +2,8 @@
 
 `Trainer` holds the step and the loop; the jobs around them live beside it: building new and
 resumed runs (assemble.py), the run folder (runfolder.py), recovery from bad steps (recovery.py),
-evaluation (evaluation.py), device and precision (device.py). Progress goes to a `TrainEvents`
-receiver (events.py); this module never prints.
+loss spikes (spike.py), evaluation (evaluation.py), device and precision (device.py). Progress goes
+to a `TrainEvents` receiver (events.py); this module never prints.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from charrnn.distributed import Dist
 from charrnn.errors import DistributedError
 from charrnn.evalsample import eval_sample
 from charrnn.evaluation import evaluate
-from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
+from charrnn.events import EndEvent, EvalEvent, RollbackEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
 from charrnn.recovery import Recovery, judge
 from charrnn.runstate import Session
+from charrnn.spike import LIMITS as SPIKE
+from charrnn.spike import SpikeDetector
 
 LOG_EVERY = 10  # steps between StepEvents and metrics lines
 
@@ -61,9 +63,11 @@ class Trainer:
         self.batcher = StreamBatcher(self.train_data, self.cfg.batch_size, self.cfg.seq_len)
         self.local_batch = self.rows.stop - self.rows.start
         self.recovery = Recovery(self.cfg, self.model, self.optimizer, self.state)
+        self.spike = SpikeDetector(self.state)
         self._stop_signal: int | None = None
         self._last_saved_step = self.state.step if p.evaluated else None  # evaluated and saved: the end need not redo it
         self._last_val: float | None = None
+        self._good_val: float | None = None  # the validation loss of the last good state (a rollback's target)
 
     @classmethod
     def new(cls, corpus: list[Path], cfg: TrainConfig, run_dir: Path | None = None,
@@ -152,6 +156,8 @@ class Trainer:
             self.recovery.step_ok()
             st.step += 1
             st.chars_seen += self.cfg.batch_size * self.cfg.seq_len
+            if self.spike.observe(loss) and self._spike_roll_back("loss spike", self.spike.recent(), self.spike.level()):
+                return None
             return loss, norm
         self._warn(f"step {st.step}: {problem}, step skipped")
         if self.recovery.step_bad():
@@ -192,7 +198,32 @@ class Trainer:
         """To the last good state with half the learning rate (or, after too many, save it and give up)."""
         bad_step = self.state.step
         self.carry = self.recovery.restore()
-        self._warn(self.recovery.halve_lr(bad_step, save=lambda: self.save(None)))
+        message = self.recovery.halve_lr(bad_step, save=lambda: self.save(None))
+        self._report_rollback(message, "non-finite", bad_step, self.state.step, None, None)
+
+    def _spike_roll_back(self, reason: str, observed: float, level: float) -> bool:
+        """A loss spike (spike.py): back to the last good state with a lower learning rate; True when it
+        rolled back. After SPIKE.max_rollbacks it only says so, stops judging and trains on."""
+        st = self.state
+        found = st.step
+        what = (f"loss spike: the training loss stayed well above its recent level for {SPIKE.streak} steps "
+                f"({observed:.3f} against {level:.3f})" if reason == "loss spike" else
+                f"validation spike: {observed:.4f} is {observed - level:.3f} above the best ({level:.4f}) and the "
+                "training loss did not improve")
+        if st.spike_rollbacks >= SPIKE.max_rollbacks:
+            self.spike.give_up()
+            self._report_rollback(
+                f"step {found}: {what}; after {st.spike_rollbacks} rollbacks it rolls back no more and "
+                f"trains on at the learning rate it has ({self.cfg.lr * st.lr_scale:.3g})",
+                reason, found, None, observed, level)
+            return False
+        self.carry = self.recovery.restore()
+        st.spike_rollbacks += 1
+        st.lr_scale *= SPIKE.lr_factor
+        self._report_rollback(
+            f"step {found}: {what}; rolled back to step {st.step} (the last good state) and lowered "
+            f"the learning rate to {self.cfg.lr * st.lr_scale:.3g}", reason, found, st.step, observed, level)
+        return True
 
     def _estimate_total(self, session: Session) -> None:
         """For a time budget: fit the schedule's length to the speed measured so far (after 20 and 100
@@ -209,6 +240,16 @@ class Trainer:
 
     def _warn(self, message: str) -> None:
         self.events.on_warn(WarnEvent(message))
+
+    def _report_rollback(self, message: str, reason: str, step: int, to_step: int | None,
+                         observed: float | None, level: float | None) -> None:
+        """A rollback (or the end of them) as a metrics.jsonl line of kind "rollback" and a RollbackEvent."""
+        st = self.state
+        fields = {"step": step, "to_step": to_step, "reason": reason,
+                  "observed": round(observed, 5) if observed is not None else None,
+                  "level": round(level, 5) if level is not None else None, "lr_scale": st.lr_scale}
+        self.folder.append_metrics({"kind": "rollback", **fields, "elapsed_s": round(st.elapsed_s, 3)})
+        self.events.on_rollback(RollbackEvent(message=message, **fields))
 
     def _speed(self) -> float:
         return round(self.state.chars_seen / max(self.state.train_s, 1e-9), 1)
@@ -232,7 +273,7 @@ class Trainer:
         self.folder.append_metrics(rec)
         self.events.on_step(StepEvent(**{**rec, "grad_norm": rec["grad_norm"] or 0.0}, total_steps=st.total_steps,
                                       recent_chars_per_s=session.recent_speed(now, st.chars_seen),
-                                      time_budget_s=st.time_budget_s))
+                                      time_budget_s=st.time_budget_s, lr_scale=st.lr_scale))
 
     def _eval_and_save(self, session: Session) -> None:
         st = self.state
@@ -242,7 +283,10 @@ class Trainer:
             self._roll_back()
             self._last_val = float("nan")
             return
+        spiked = self.spike.val_spike(val, st.best_val_loss)  # judged against the best before this one
         best = st.record_eval(val)
+        if best:
+            self.spike.note_best()
         st.elapsed_s = session.elapsed()
         rec = {"step": st.step, "elapsed_s": round(st.elapsed_s, 3), "chars_per_s": self._speed(),
                "val_loss": val, "val_bpc": val / math.log(2)}
@@ -251,8 +295,13 @@ class Trainer:
         if sample is not None:
             self.folder.append_sample({"step": st.step, "time_s": rec["elapsed_s"], "val_loss": val, "text": sample})
         self.events.on_eval(EvalEvent(**rec, best=best, total_steps=st.total_steps, sample=sample))
+        if spiked and self._spike_roll_back("validation spike", val, st.best_val_loss):
+            st.evals_since_best -= 1  # the run went back from this state: its evaluation does not count for --patience
+            self._last_val = self._good_val
+            return
         self.save(val)
         self._last_saved_step, self._last_val = st.step, val
+        self._good_val = val
         self.recovery.snapshot(self.carry)
 
     def save(self, val_loss: float | None) -> Path:
@@ -276,7 +325,7 @@ class Trainer:
         elif st.step != self._last_saved_step:  # a time budget ran out between evaluations
             final_step = st.step
             self._eval_and_save(session)
-            if not math.isfinite(self._last_val):  # rolled back, with no time left to train on
+            if self._last_val is not None and not math.isfinite(self._last_val):  # rolled back from NaN, no time left
                 raise self.recovery.final_diverged(final_step, self.save(None))
         end = EndEvent(
             reason=reason, step=st.step, run_dir=self.run_dir,

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from charrnn.events import EndEvent, EvalEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
+from charrnn.events import EndEvent, EvalEvent, RollbackEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
 
 err = Console(stderr=True, highlight=False)
 
@@ -52,6 +52,11 @@ def fmt_size(n: int) -> str:
     return f"{n:.1f} GB"
 
 
+def lr_note(scale: float) -> str:
+    """The progress bar's mark of a run whose learning rate rollbacks lowered: '  lr x0.5'; '' otherwise."""
+    return f"  [yellow]lr x{scale:.3g}[/]" if scale < 1.0 else ""
+
+
 class TrainDisplay(TrainEvents):
     """The training events' receiver: a progress bar on a terminal, plain evaluation lines otherwise."""
 
@@ -66,7 +71,7 @@ class TrainDisplay(TrainEvents):
             TextColumn("[bold]step {task.completed:>6.0f}/{task.total:<6.0f}"),
             BarColumn(),
             TextColumn("loss {task.fields[loss]:.3f}  bpc {task.fields[bpc]:.3f}  val {task.fields[val]}"),
-            TextColumn("{task.fields[cps]:>7,.0f} chars/s  |g| {task.fields[gnorm]:.2f}"),
+            TextColumn("{task.fields[cps]:>7,.0f} chars/s  |g| {task.fields[gnorm]:.2f}{task.fields[note]}"),
             TimeRemainingColumn(),
             console=err,
             transient=False,
@@ -84,13 +89,15 @@ class TrainDisplay(TrainEvents):
             self.progress = self._bar()
             self.progress.start()
             self.task = self.progress.add_task("train", total=e.total_steps, completed=e.resumed_from or 0,
-                                               loss=float("nan"), bpc=float("nan"), val="-", cps=0.0, gnorm=0.0)
+                                               loss=float("nan"), bpc=float("nan"), val="-", cps=0.0, gnorm=0.0,
+                                               note="")
 
     def on_step(self, e: StepEvent) -> None:
         if self.progress is not None:
             total = e.total_steps if e.total_steps < 10**8 else None
             self.progress.update(self.task, completed=e.step, total=total, loss=e.loss,
-                                 bpc=e.loss / math.log(2), cps=e.recent_chars_per_s, gnorm=e.grad_norm)
+                                 bpc=e.loss / math.log(2), cps=e.recent_chars_per_s, gnorm=e.grad_norm,
+                                 note=lr_note(e.lr_scale))
 
     def on_eval(self, e: EvalEvent) -> None:
         mark = " (best)" if e.best else ""
@@ -111,6 +118,12 @@ class TrainDisplay(TrainEvents):
             self.progress.console.print(f"[yellow]warning:[/] {e.message}")
         else:
             warn(e.message)
+
+    def on_rollback(self, e: RollbackEvent) -> None:
+        """A rollback: its warning above the bar, and the lowered learning rate on the bar itself."""
+        self.on_warn(WarnEvent(e.message))
+        if self.progress is not None:
+            self.progress.update(self.task, note=lr_note(e.lr_scale))
 
     def on_end(self, e: EndEvent) -> None:
         self.close()

@@ -74,6 +74,9 @@ class Recorder(TrainEvents):
     def on_warn(self, e):
         self.events.append(("warn", e))
 
+    def on_rollback(self, e):
+        self.events.append(("rollback", e))
+
     def on_end(self, e):
         self.events.append(("end", e))
 
