@@ -348,9 +348,9 @@ def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):
     neg = sum(w["text"].count(p) for w in written if w["condition"] == "negative" for p in POS)
     assert pos > neg  # the toy model's steering shows in what was written
     assert "positive minus negative" in r.stdout
-    # fluency: the toy grammar's reviews are all real words; steered samples of a 300-step model are not
+    # fluency: the toy grammar's reviews are real words but for the last one, cut at 40 characters
     real = rows["real positive reviews"]
-    assert real["real_words"] == 1.0 and real["soup"] == 0 and 0 < real["distinct_5grams"] <= 1
+    assert 0.85 <= real["real_words"] < 1 and real["soup"] == 0 and 0 < real["distinct_5grams"] <= 1
     assert 0 < rows["samples --sentiment positive"]["real_words"] <= 1 and "| real words |" in r.stdout
     # the real words never come from text the model trained on (nor, by default, from a file that is missing)
     for bad in (["--words-from", str(bound["train"])], []):
