@@ -5,11 +5,17 @@ negative, and free; scores them, and real held-out reviews cut to the same lengt
 off-the-shelf judges (VADER and AFINN, lexicon-based, installed only for this benchmark:
 `pip install vaderSentiment afinn`); reports the fraction judged positive, the model's loss on
 held-out reviews with the unit free / fixed to the review's label / fixed to the opposite label,
-the share of the samples' 20-grams found verbatim in the training text, and a fluency proxy: each
-set's loss (nats/char) under the model with the unit free (what the model itself finds likely; the
-unit-free samples are the reference, real reviews score higher since samples are drawn at --temp).
+the share of the samples' 20-grams found verbatim in the training text, and for every set (samples
+and real reviews) its fluency:
+- real words: the share of its words that occur at least 5 times in review text the model never
+  trained on (--words-from; benchmarks/fluency.py defines a word),
+- distinct 5-grams: distinct word 5-grams over all of them (low: the texts repeat themselves),
+- soup: samples more than 10% of whose characters are rare in the training text (under 1 in 10,000),
+- its loss (nats/char) under the model with the unit free (what the model itself finds likely; the
+  unit-free samples are the reference, real reviews score higher since samples are drawn at --temp).
 
     python benchmarks/steering.py CHECKPOINT HELDOUT.tsv [--num 100] [--length 400] [--temp 0.8]
+                                  [--words-from TEXT ...]
 """
 
 from __future__ import annotations
@@ -19,9 +25,20 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
+
+from fluency import distinct_ngram_share, real_word_share, real_words
+
+# --words-from's default, looked for beside HELDOUT.tsv: review text a run trained on the README or
+# issue recipes (imdb_train_00-04, the other Amazon domains) never saw
+WORDS_FROM = ("imdb_train_05.tsv", "imdb_train_06.tsv", "amazon_multidomain_books.tsv")
+# held out for testing: nothing is chosen on them, the real-word vocabulary included
+TEST_ONLY = ("sst2_test", "imdb_test_sample")
+RARE_CHAR = 1e-4  # a character is rare if it is less than this share of the training text
+SOUP = 0.10  # a sample is soup if more than this share of its characters are rare
 
 
 def judges():
@@ -71,6 +88,31 @@ def distinct_words(texts: list[str]) -> float:
     return len(set(words)) / max(1, len(words))
 
 
+def common_chars(text: str) -> set[str]:
+    counts = Counter(text)
+    return {c for c, n in counts.items() if n >= RARE_CHAR * len(text)}
+
+
+def soup_count(texts: list[str], common: set[str]) -> int:
+    return sum(sum(c not in common for c in t) > SOUP * max(1, len(t)) for t in texts)
+
+
+def words_from(args, ck) -> list[Path]:
+    """The --words-from files, checked: they exist, and none is trained on, held out for testing or
+    the real reviews themselves (any of those would count the model's own words as real)."""
+    paths = [Path(p) for p in args.words_from] if args.words_from else [Path(args.heldout).parent / n for n in WORDS_FROM]
+    trained = {Path(p).resolve() for p in ck["train"]["corpus"]}
+    for p in paths:
+        if not p.is_file():
+            sys.exit(f"error: {p}: no such file; name review text the model never trained on with --words-from")
+        if p.resolve() in trained or p.resolve() == Path(args.heldout).resolve():
+            sys.exit(f"error: {p} is {'trained on' if p.resolve() in trained else 'HELDOUT'}; "
+                     "name other review text with --words-from")
+        if any(p.name.startswith(t) for t in TEST_ONLY):
+            sys.exit(f"error: {p} is held out for testing; name other review text with --words-from")
+    return paths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint")
@@ -85,6 +127,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=None, help="as sample --guidance [default: sample's, 0.25]")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as sample --precision")
     ap.add_argument("--value", type=float, help="fix the unit at +-VALUE (the positive side's sign) instead of the stored fix values")
+    ap.add_argument("--words-from", nargs="+", metavar="TEXT",
+                    help="review text (labeled TSV or plain) the model never trained on; its words seen 5+ times are the "
+                         f"real words [default: {', '.join(WORDS_FROM)} beside HELDOUT]")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from charrnn import neuron as sm
@@ -102,6 +147,9 @@ def main() -> None:
         rec = {**rec, "fix_values": {"positive": side * abs(args.value), "negative": -side * abs(args.value)}}
         ck = {**ck, "sentiment": rec}
     judge = judges()
+    vocabulary = real_words(t for p in words_from(args, ck) for t in iter_corpus_text(p))
+    train_text = "".join("".join(iter_corpus_text(Path(p))) for p in ck["train"]["corpus"])
+    common = common_chars(train_text)
     samples = {}
     for cond in ("positive", "negative", "none"):
         hook = None
@@ -125,7 +173,8 @@ def main() -> None:
         cut = min(len(t) for t in texts)  # fluency: nats/char of the text under the model, unit free
         fluency = float(heldout_loss(model, vocab, [t[:cut] for t in texts], [0] * len(texts), rec, "free").mean())
         rows.append({"set": name, "n": len(texts), **{j: frac_positive(f, texts) for j, f in judge.items()},
-                     "distinct_words": distinct_words(texts), "free_model_loss": fluency})
+                     "real_words": real_word_share(texts, vocabulary), "distinct_5grams": distinct_ngram_share(texts),
+                     "soup": soup_count(texts, common), "distinct_words": distinct_words(texts), "free_model_loss": fluency})
     sep = {j: {"samples": rows[0][j] - rows[1][j], "real": rows[3][j] - rows[4][j]} for j in judge}
     lp = pairs[: args.loss_reviews]
     per_text = {m: heldout_loss(model, vocab, [t for t, _ in lp], [y for _, y in lp], rec, m)
@@ -133,11 +182,10 @@ def main() -> None:
     losses = {m: float(v.mean()) for m, v in per_text.items()}
     # the unit as a generative classifier: is each review likelier with the unit fixed to its own label?
     gen_acc = float((per_text["matched"] < per_text["opposite"]).double().mean())
-    train_text = "".join("".join(iter_corpus_text(Path(p))) for p in ck["train"]["corpus"])
     overlap = {c: ngram_share(samples[c], train_text) for c in samples}
     real_overlap = ngram_share(real["positive"] + real["negative"], train_text)
     out = {"checkpoint": ck["path"], "unit": rec, "temp": args.temp, "rows": rows, "separation": sep,
-           "heldout_loss": losses, "heldout_reviews": len(lp), "generative_accuracy": gen_acc, "ngram20_in_train": overlap,
+           "real_word_vocabulary": len(vocabulary), "heldout_loss": losses, "heldout_reviews": len(lp), "generative_accuracy": gen_acc, "ngram20_in_train": overlap,
            "ngram20_in_train_real": real_overlap, "seconds": time.perf_counter() - t0}
     out["unit"] = {k: v for k, v in rec.items() if k != "observed"}
     if args.samples_out:
@@ -145,11 +193,12 @@ def main() -> None:
             for c, ts in samples.items():
                 for t in ts:
                     f.write(json.dumps({"condition": c, "text": t}, ensure_ascii=False) + "\n")
-    print("| set | n | VADER positive | AFINN positive | distinct words | loss under the free model |")
-    print("|---|---|---|---|---|---|")
+    print("| set | n | VADER positive | AFINN positive | real words | distinct 5-grams | soup | distinct words "
+          "| loss under the free model |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['set']} | {r['n']} | {r['vader']:.0%} | {r['afinn']:.0%} | {r['distinct_words']:.2f} "
-              f"| {r['free_model_loss']:.3f} |")
+        print(f"| {r['set']} | {r['n']} | {r['vader']:.0%} | {r['afinn']:.0%} | {r['real_words']:.3f} "
+              f"| {r['distinct_5grams']:.3f} | {r['soup']} | {r['distinct_words']:.2f} | {r['free_model_loss']:.3f} |")
     for j, d in sep.items():
         print(f"{j}: positive minus negative: samples {d['samples']:+.0%}, real reviews {d['real']:+.0%}")
     print(f"held-out loss on {len(lp)} reviews ({args.length} chars, nats/char): unit free {losses['free']:.4f}, "

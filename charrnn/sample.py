@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -19,6 +20,9 @@ from charrnn.model import CharRNN
 # +37 (VADER) / +26 (AFINN) points, real reviews by +28 / +32; 0.25 by +48 / +35 (seed 2: +50 / +41), at
 # 0.08 nats/char more under the unit-free model; 0.5 by +59 / +53 and less fluent.
 SENTIMENT_GUIDANCE = 0.25
+# --guidance contrasts the two streams only over the characters the own stream gives at least this
+# fraction of its likeliest character's probability (see guided_logits).
+GUIDANCE_PLAUSIBLE = 0.05
 # --guidance above this is out of range: 0.5 already reads less fluent (README), and far above it
 # own + G * (own - opposite) overflows float32 (G around 1e36) and the draw has no distribution left.
 MAX_GUIDANCE = 100.0
@@ -139,6 +143,28 @@ def pick(logits: torch.Tensor, cfg: SampleConfig, generator: torch.Generator) ->
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+# ---------------------------------------------------------------- guidance
+
+
+def guided_logits(own: torch.Tensor, other: torch.Tensor, guidance: float) -> torch.Tensor:
+    """What --guidance draws from (B, V): log p_own + g * (log p_own - log p_other) on the characters
+    the own stream finds plausible (at least GUIDANCE_PLAUSIBLE times as likely as its likeliest
+    one), -inf on the others.
+
+    Without the cut this is p_own^(1+g) / p_other^g: a character gains by being unlikely under the
+    opposite stream, however unlikely it is under its own. The ratio is noise wherever the model
+    never learnt anything, in the far tail (rare non-ASCII characters the head only learnt to push
+    down), so a tail character gets drawn now and then; after it both streams run on text unlike
+    anything they trained on, their difference is noise on every character, and the sample turns
+    into soup for good (measured in docs/sentiment.md). Contrasting only among the own stream's
+    plausible characters keeps what the unit changes there and never draws what the own stream
+    rules out."""
+    own, other = torch.log_softmax(own.float(), -1), torch.log_softmax(other.float(), -1)  # (B, V)
+    mixed = own + guidance * (own - other)
+    plausible = own >= own.max(dim=-1, keepdim=True).values + math.log(GUIDANCE_PLAUSIBLE)
+    return mixed.masked_fill(~plausible, float("-inf"))
+
+
 # ---------------------------------------------------------------- generation
 
 
@@ -187,7 +213,8 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
     With `cfg.guidance` g > 0 the batch has 2 * num rows: row i and row num + i read the same text,
     and `hook` must fix the unit one way on the first num rows and the opposite way on the others
     (neuron.steering_hook(..., guided_rows=num) builds it). The next character is drawn from
-    logits_i + g * (logits_i - logits_{num+i}): what the fixed value changes, amplified.
+    log p_i + g * (log p_i - log p_{num+i}): what the fixed value changes, amplified, among the characters
+    row i finds plausible (guided_logits).
     """
     validate(cfg)
     n = cfg.num
@@ -207,8 +234,7 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
         logits, state = model.step(x, state, hook)
     for step in range(cfg.length):
         if rows > n:
-            own, other = logits[:n].float(), logits[n:].float()
-            logits = own + cfg.guidance * (own - other)
+            logits = guided_logits(logits[:n], logits[n:], cfg.guidance)
         try:
             nxt = pick(logits.cpu(), cfg, gen)  # sampling on CPU keeps seeds portable across devices
         except RuntimeError as e:  # multinomial's "probability tensor contains either inf, nan or element < 0"

@@ -281,7 +281,10 @@ def test_guidance_draws_from_the_amplified_contrast():
     cfg = SampleConfig(length=6, prime="ab", seed=1, num=2, guidance=2.0, precision="fp32")
     (a, b) = generate(model, vocab, cfg, hook=spy)
     assert len(a) == len(b) == 8 and all(v.tolist() == [1.0, 1.0, -1.0, -1.0] for v in seen)
-    # the same draw by hand: logits own + 2 * (own - opposite), the two rows fed the same text
+    # the same draw by hand: log p_own + 2 * (log p_own - log p_opposite) over the characters the own row
+    # finds plausible, the two rows fed the same text
+    from charrnn.sample import GUIDANCE_PLAUSIBLE
+
     g = torch.Generator().manual_seed(1)
     st = model.init_state(4)
     ids = vocab.encode("ab")
@@ -290,7 +293,9 @@ def test_guidance_draws_from_the_amplified_contrast():
             lg, st = model.step(torch.full((4,), i), st, hook)
         text = []
         for _ in range(6):
-            mix = lg[:2] + 2.0 * (lg[:2] - lg[2:])
+            lp, lq = torch.log_softmax(lg[:2], -1), torch.log_softmax(lg[2:], -1)
+            ruled_out = lp < lp.max(-1, keepdim=True).values + math.log(GUIDANCE_PLAUSIBLE)
+            mix = (lp + 2.0 * (lp - lq)).masked_fill(ruled_out, float("-inf"))
             nxt = torch.multinomial(torch.softmax(mix, -1), 1, generator=g).squeeze(-1)
             text.append(nxt)
             lg, st = model.step(nxt.repeat(2), st, hook)
@@ -325,9 +330,10 @@ def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):
     pytest.importorskip("afinn")
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "steering.py"
     out = tmp_path / "samples.jsonl"
-    r = subprocess.run([sys.executable, str(script), str(bound["run"]), str(bound["test"]), "--num", "12",
-                        "--length", "40", "--loss-reviews", "20", "--samples-out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    words = write_tsv(tmp_path / "words.tsv", 200, seed=3)  # reviews the model never trained on
+    args = [sys.executable, str(script), str(bound["run"]), str(bound["test"]), "--num", "12",
+            "--length", "40", "--loss-reviews", "20", "--samples-out", str(out)]
+    r = subprocess.run([*args, "--words-from", str(words)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stderr.strip().splitlines()[-1])
     rows = {row["set"]: row for row in res["rows"]}
@@ -342,6 +348,14 @@ def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):
     neg = sum(w["text"].count(p) for w in written if w["condition"] == "negative" for p in POS)
     assert pos > neg  # the toy model's steering shows in what was written
     assert "positive minus negative" in r.stdout
+    # fluency: the toy grammar's reviews are real words but for the last one, cut at 40 characters
+    real = rows["real positive reviews"]
+    assert 0.85 <= real["real_words"] < 1 and real["soup"] == 0 and 0 < real["distinct_5grams"] <= 1
+    assert 0 < rows["samples --sentiment positive"]["real_words"] <= 1 and "| real words |" in r.stdout
+    # the real words never come from text the model trained on (nor, by default, from a file that is missing)
+    for bad in (["--words-from", str(bound["train"])], []):
+        r = subprocess.run([*args, *bad], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 1 and "--words-from" in r.stderr.strip().splitlines()[-1]
 
 
 def test_sample_sentiment_without_unit_says_how(corpus):
