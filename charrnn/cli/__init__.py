@@ -1,6 +1,6 @@
 """The `charrnn` command line: the Typer app, its commands registered in the order `--help` lists them.
 
-One module per command group (train, sample, evaluate, checkpoints, corpus, cache, neuron, bench); the shared
+One module per command group (train, sample, evaluate, checkpoints, corpus, cache, neuron, bench, export); the shared
 choices and option types are in options.py, the error decorator in errors.py. A command parses its
 options, calls one library function and renders the result through charrnn.ui. torch is imported
 inside the commands, so `charrnn --help` starts fast.
@@ -16,6 +16,7 @@ import typer
 
 from charrnn import __version__
 from charrnn.cli import bench, evaluate, sample, train
+from charrnn.cli import export
 from charrnn.cli.cache import cache_app
 from charrnn.cli.checkpoints import checkpoints_app
 from charrnn.cli.corpus import corpus_app
@@ -33,6 +34,7 @@ app.command()(sample.sample)
 app.command("eval")(evaluate.eval_cmd)
 app.command()(evaluate.gradients)
 app.command()(bench.bench)
+app.command("export")(export.export_cmd)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(cache_app, name="cache")
