@@ -401,9 +401,9 @@ def neuron_score_table(res, rec: dict, checkpoint: str, file: str, show: int, se
     summary = [
         ("checkpoint", checkpoint),
         ("unit", f"{rec['unit']} (layer {rec['layer']}, {rec['state'].split('+')[0]}), from {rec.get('source', '?')}"),
-        ("fit", f"P(positive) = sigmoid({fit['slope']:.4g} * value {fit['intercept']:+.4g}), fitted on "
-                f"{fit.get('fitted_on', '?')}" if fit else "none stored: values only"),
-        ("texts", f"{len(rows):,}" + (f", {res.values.numel() / seconds:,.0f} texts/s" if seconds > 0 else "")),
+        ("fit", f"P(positive) = sigmoid({fit['slope']:.4g} * value {'-' if fit['intercept'] < 0 else '+'} "
+                f"{abs(fit['intercept']):.4g}), fitted on {fit.get('fitted_on', '?')}" if fit else "none stored: values only"),
+        ("texts", f"{len(rows):,} in {seconds:.2f} s" + (f" ({len(rows) / seconds:,.0f} texts/s)" if seconds > 0 else "")),
     ]
     if ps is not None:
         summary.append(("positive", f"{float((ps > 0.5).double().mean()):.1%} of texts (mean P {float(ps.mean()):.3f})"))

@@ -141,12 +141,12 @@ def score(
     from charrnn.neuron import get_record
     from charrnn.neuron.score import score_file
 
-    t0 = time.perf_counter()
     model, vocab, ck = ckm.load_model(checkpoint, on_warn=ui.warn)
     rec = get_record(ck)
     if not isinstance(rec.get("logistic"), dict):
         ui.warn(f"{ck['path']}'s sentiment unit has no stored logistic fit (it predates them), so there is no "
                 "P(positive): values only; run 'charrnn neuron find CHECKPOINT LABELED.tsv' again to store one")
+    t0 = time.perf_counter()
     res = score_file(model, vocab, rec, file, on_warn=ui.warn)
     seconds = time.perf_counter() - t0
     if jsonl or not sys.stdout.isatty():
