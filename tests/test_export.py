@@ -134,6 +134,8 @@ def test_neuron_commands_and_fine_tuning_take_an_export(run, trained, tmp_path):
     assert json.loads((out / "sentiment.json").read_text())["unit"] == 5
     assert (out / "model.safetensors").read_bytes() == before and leftovers(out) == []
     assert ckm.load_model(out)[2]["sentiment"]["unit"] == 5
+    r = cli("checkpoints", "show", out)  # it has no run to show: one line that says where the run is
+    assert r.exit_code == 1 and "is an export" in error_line(r)
     r = cli("train", trained["tsv"], "--init-from", out, "--steps", "2", "--seq-len", "16", "--batch-size", "8",
             "--run", tmp_path / "tuned", "-q")
     assert r.exit_code == 0, r.output

@@ -1,6 +1,6 @@
 """The `charrnn` command line: the Typer app, its commands registered in the order `--help` lists them.
 
-One module per command group (train, sample, evaluate, checkpoints, corpus, cache, neuron, bench, export); the shared
+One module per command group (train, sample, evaluate, checkpoints, corpus, cache, neuron, bench); the shared
 choices and option types are in options.py, the error decorator in errors.py. A command parses its
 options, calls one library function and renders the result through charrnn.ui. torch is imported
 inside the commands, so `charrnn --help` starts fast.
