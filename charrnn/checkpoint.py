@@ -185,7 +185,8 @@ def is_run_dir(path: Path) -> bool:
 
 def open_checkpoint(path: Path | None, home: Path = DEFAULT_HOME, device: str | torch.device = "cpu",
                     on_warn: Warn | None = None) -> tuple[Path, dict]:
-    """(file, payload) from a checkpoint file, a run folder (its best good checkpoint) or nothing (the latest run's).
+    """(file, payload) from a checkpoint file, a run folder (its best good checkpoint), an export folder
+    (charrnn.export; the folder stands for the file) or nothing (the latest run's).
 
     In a run folder a damaged best is set aside (reported through `on_warn`) and the next best used;
     a file named directly is never moved: its damage is the error.
@@ -200,6 +201,12 @@ def open_checkpoint(path: Path | None, home: Path = DEFAULT_HOME, device: str | 
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint or run folder at {path}")
+    from charrnn import export
+
+    if path.is_file() and path.name == export.MODEL_FILE and export.is_export(path.parent):
+        path = path.parent  # an export's weights alone would lack its config and vocabulary
+    if export.is_export(path):
+        return path, export.load_export(path, device)
     if path.is_file():
         return path, load(path, device)
     infos = list_checkpoints(path, on_warn=on_warn)

@@ -121,9 +121,16 @@ def _digest(header: dict, chunks) -> str:
 
 def _encode_parts(payload: dict) -> tuple[list, dict]:
     """(the file's pieces in order: header, then each tensor's bytes; the tensors those pieces point into)."""
+    skeleton, tensors = pack(payload)
+    meta = {"format": FORMAT, "payload": json.dumps(skeleton, allow_nan=False, separators=(",", ":"))}
+    return container_parts(tensors, meta), tensors
+
+
+def container_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> list:
+    """A safetensors file's pieces in order (header, then each tensor's bytes) for contiguous CPU tensors
+    (kept alive by the caller until written); `meta` (string values) gains the sha256 readers check."""
     if sys.byteorder != "little":
         raise CheckpointError("charrnn writes checkpoints on little-endian machines only (safetensors stores little-endian)")
-    skeleton, tensors = pack(payload)
     # Larger elements first, so that every tensor starts at a multiple of its element size.
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     table, chunks, offset = {}, [], 0
@@ -135,12 +142,11 @@ def _encode_parts(payload: dict) -> tuple[list, dict]:
         table[key] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         chunks.append(_tensor_buffer(t))
         offset += n
-    meta = {"format": FORMAT, "payload": json.dumps(skeleton, allow_nan=False, separators=(",", ":"))}
     header = {**table, "__metadata__": meta}
     meta["sha256"] = _digest(header, chunks)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned
-    return [len(text).to_bytes(8, "little") + text, *chunks], tensors
+    return [len(text).to_bytes(8, "little") + text, *chunks]
 
 
 def encode(payload: dict) -> bytes:
@@ -190,6 +196,23 @@ def _tensors(header: dict, raw: bytearray, start: int) -> dict[str, torch.Tensor
         t = torch.frombuffer(raw, dtype=dtype, count=(end - begin) // esize, offset=start + begin).view(shape)
         out[key] = t.clone() if t.data_ptr() % esize else t
     return out
+
+
+def read_tensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors by key, metadata) of any safetensors file; its sha256, when the metadata has one, checked.
+
+    Damage is a CheckpointDamaged whose message ends with `fix`, what to do about it."""
+    raw = _read(path)
+    try:
+        header, data, start = _split(raw)
+        meta = header.get("__metadata__")
+        meta = meta if isinstance(meta, dict) else {}
+        if "sha256" in meta and _digest(header, [data]) != meta["sha256"]:
+            raise ValueError("its content does not match the checksum saved with it")
+        return _tensors(header, raw, start), meta
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise CheckpointDamaged(f"{path} is truncated or damaged ({why}); {fix}", why) from None
 
 
 def _damaged(path: Path, why: str) -> CheckpointDamaged:

@@ -43,6 +43,9 @@ def check_payload(ck: dict, path: Path, train: bool = False) -> None:
     if not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise CheckpointError(f"{path} has a malformed 'model' (not all tensors); it was not written by charrnn, or was edited")
     if train:
+        if ck.get("export") and "train" not in ck:
+            raise CheckpointError(f"{path} is an export: the model alone, without the training state this needs; "
+                                  "use the run it was exported from (its config.json names it)")
         tr = need(ck, "train", dict)
         need(tr, "step", int, "train.")
         need(tr, "config", dict, "train.")

@@ -419,3 +419,38 @@ def cache_table(title: str, rows: list[dict]) -> None:
                   "-" if r["vocab_size"] is None else str(r["vocab_size"]), fmt_size(r["bytes"]),
                   fmt_age(r["last_used"]))
     _print_table(t)
+
+
+def neuron_score_table(res, rec: dict, checkpoint: str, file: str, show: int, seconds: float) -> None:
+    """`charrnn neuron score` on a terminal: the most positive and most negative texts, then a summary."""
+    rows = res.rows()
+    key = "p_positive" if res.p_positive is not None else "value"
+    sign = 1 if key == "p_positive" else rec.get("polarity", 1)  # without a fit, the unit's polarity orders them
+    rows.sort(key=lambda r: -sign * r[key])
+    picked = rows if len(rows) <= 2 * show else rows[:show] + [None] + rows[-show:]
+    t = Table(title=f"{file}, most positive first", title_justify="left")
+    for col, just in (("line", "right"), ("P(pos)", "right"), ("value", "right"), ("label", "right"), ("text", "left")):
+        if col != "label" or res.labels is not None:
+            t.add_column(col, justify=just, no_wrap=col != "text", overflow="ellipsis")
+    for r in picked:
+        if r is None:
+            t.add_row("...", f"{len(rows) - 2 * show} more", "", *([""] if res.labels is not None else []), "(--jsonl lists all)")
+            continue
+        label = [] if res.labels is None else [str(r["label"]) + ("" if r["correct"] is None else " ok" if r["correct"] else " x")]
+        t.add_row(str(r["line"]), "-" if r["p_positive"] is None else f"{r['p_positive']:.3f}", f"{r['value']:+.3f}",
+                  *label, r["text"][:200].replace("\t", " "))
+    _print_table(t)
+    fit = rec.get("logistic") or {}
+    ps = res.p_positive
+    summary = [
+        ("checkpoint", checkpoint),
+        ("unit", f"{rec['unit']} (layer {rec['layer']}, {rec['state'].split('+')[0]}), from {rec.get('source', '?')}"),
+        ("fit", f"P(positive) = sigmoid({fit['slope']:.4g} * value {'-' if fit['intercept'] < 0 else '+'} "
+                f"{abs(fit['intercept']):.4g}), fitted on {fit.get('fitted_on', '?')}" if fit else "none stored: values only"),
+        ("texts", f"{len(rows):,} in {seconds:.2f} s" + (f" ({len(rows) / seconds:,.0f} texts/s)" if seconds > 0 else "")),
+    ]
+    if ps is not None:
+        summary.append(("positive", f"{float((ps > 0.5).double().mean()):.1%} of texts (mean P {float(ps.mean()):.3f})"))
+    if res.accuracy is not None:
+        summary.append(("accuracy", f"{res.accuracy:.1%} against the labels"))
+    kv_table("summary", summary)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -644,3 +645,108 @@ def test_one_unit_check_for_sample_show_and_find(tmp_path):
         assert len(got[0].stderr.strip().splitlines()) == 1
     with pytest.raises(UsageError, match="no 'c' state"):
         sm.check_unit(CharRNN(ModelConfig(5, "rnn", 1, 4, 0, 0.0)), 0, "c+h")
+
+
+# ---------------------------------------------------------------- scoring texts (neuron score)
+
+
+def test_score_reproduces_finds_accuracy_from_the_stored_fit(bound, tmp_path):
+    """`neuron find` stores a logistic fit; `neuron score` of its test file reaches the accuracy find reported."""
+    out = tmp_path / "found.safetensors"
+    r = run_cli("neuron", "find", bound["run"], bound["train"], "--test", bound["test"], "--json", "--out", out, "-q")
+    assert r.exit_code == 0, r.stderr
+    found = json.loads(r.stdout)
+    fit = ckm.load(out)["sentiment"]["logistic"]
+    assert fit["fitted_on"] == "find" and fit["slope"] * found["polarity"] > 0
+    r = run_cli("neuron", "score", out, bound["test"], "--jsonl")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 200 and [row["line"] for row in rows] == list(range(2, 202))  # file order, TSV line numbers
+    assert all(0 <= row["p_positive"] <= 1 and row["label"] in (0, 1) for row in rows)
+    acc = sum(row["correct"] for row in rows) / len(rows)
+    assert abs(acc - found["single_unit_accuracy"]) <= 1 / 200 + 1e-9, (acc, found)
+    assert f"accuracy {acc:.1%}" in r.stderr
+
+
+def test_bound_run_stores_a_fit_and_scores_plain_lines(bound, tmp_path):
+    fit = ckm.load(ckm.resolve(bound["run"]))["sentiment"]["logistic"]
+    assert fit["fitted_on"] == "observed" and fit["slope"] > 0
+    rng = random.Random(9)
+    labels = [i % 2 for i in range(40)]
+    lines = [review(rng, y) for y in labels]
+    f = tmp_path / "texts.txt"
+    f.write_text("\n".join(lines[:2] + ["", "   "] + lines[2:]) + "\n")  # blank lines are skipped
+    r = run_cli("neuron", "score", bound["run"], f)  # stdout is not a terminal: JSON lines without --jsonl
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["line"] for row in rows] == [1, 2] + list(range(5, 43)) and "label" not in rows[0]
+    assert [row["text"] for row in rows] == lines
+    # the values are the unit's after each text's last character, run alone (the batching changes nothing)
+    model, vocab, _ = ckm.load_model(bound["run"])
+    for row in rows[:8]:
+        assert abs(row["value"] - sm.unit_trace(model, vocab, row["text"], 0, -1, "c")[-1]) < 1e-4
+    mean = {y: sum(row["p_positive"] for row, l in zip(rows, labels) if l == y) / 20 for y in (0, 1)}
+    assert mean[1] > mean[0] + 0.1, mean
+
+
+def test_score_on_a_terminal_sorts_and_sums_up(bound, tmp_path):
+    """In a real terminal (a pty): the texts most positive first, then a summary table with the accuracy."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    rng = random.Random(4)
+    tsv = write_tsv(tmp_path / "few.tsv", 0, rows=[f"{i % 2}\t{review(rng, i % 2)}" for i in range(12)])
+    master, slave = pty.openpty()
+    env = {**os.environ, "CHARRNN_CACHE": str(tmp_path / ".cache"), "COLUMNS": "200", "NO_COLOR": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "charrnn", "neuron", "score", str(bound["run"]), str(tsv), "--show", "3"],
+                         stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the pty
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert p.wait(timeout=120) == 0
+    os.close(master)
+    text = b"".join(chunks).decode()
+    assert "most positive first" in text and "summary" in text and "accuracy" in text, text
+    assert "6 more" in text  # 3 most positive, 3 most negative of 12
+    ps = [float(m) for m in re.findall(r"[│|]\s+\d+\s+[│|]\s+([01]\.\d{3})\s+[│|]", text)]
+    assert len(ps) == 6 and ps == sorted(ps, reverse=True), text
+    assert '{"line"' not in text
+
+
+def test_score_of_an_old_record_gives_values_and_says_why_no_probability(bound, tmp_path):
+    ck = ckm.load(ckm.resolve(bound["run"]))
+    del ck["sentiment"]["logistic"]
+    ckm.save(tmp_path / "old.safetensors", ck)
+    r = run_cli("neuron", "score", tmp_path / "old.safetensors", bound["test"])
+    assert r.exit_code == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if line.startswith("warning")]
+    assert len(warning) == 1 and "no stored logistic fit" in warning[0] and "neuron find" in warning[0]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 200 and rows[0]["p_positive"] is None and isinstance(rows[0]["value"], float)
+
+
+def test_score_bad_input_is_one_line(bound, tmp_path, corpus):
+    from conftest import TINY
+
+    assert run_cli("train", corpus, "--steps", "5", "--run", "plain", *TINY).exit_code == 0
+    r = run_cli("neuron", "score", "plain", bound["test"])
+    assert r.exit_code == 1 and "no sentiment unit" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n")
+    bad = write_tsv(tmp_path / "bad.tsv", 0, rows=["1\tgood film", "maybe\tok film"])
+    for path, fragment in ((tmp_path / "missing.txt", "missing.txt"), (blank, "every line is blank"),
+                           (bad, "unknown label")):
+        r = run_cli("neuron", "score", bound["run"], path)
+        assert r.exit_code == 1 and fragment in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = run_cli("neuron", "score", bound["run"], bound["test"], "--show", "0")
+    assert r.exit_code == 2

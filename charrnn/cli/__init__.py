@@ -16,6 +16,7 @@ import typer
 
 from charrnn import __version__
 from charrnn.cli import bench, evaluate, sample, train
+from charrnn.cli import export
 from charrnn.cli.cache import cache_app
 from charrnn.cli.checkpoints import checkpoints_app
 from charrnn.cli.corpus import corpus_app
@@ -35,6 +36,7 @@ app.command("eval")(evaluate.eval_cmd)
 app.command()(evaluate.gradients)
 app.command()(bench.bench)
 app.command()(plot)
+app.command("export")(export.export_cmd)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(cache_app, name="cache")

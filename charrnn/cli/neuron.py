@@ -1,4 +1,5 @@
-"""`charrnn neuron find|show`: find the sentiment unit of a checkpoint and show a unit's value over text.
+"""`charrnn neuron find|show|score`: find the sentiment unit of a checkpoint, show a unit's value over text,
+score the texts of a file.
 
 torch is imported inside the commands, so `charrnn --help` starts fast.
 """
@@ -6,6 +7,7 @@ torch is imported inside the commands, so `charrnn --help` starts fast.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,7 +16,7 @@ import typer
 from charrnn.cli.errors import handle_errors
 from charrnn.cli.options import CheckpointArg, StateKind
 
-neuron_app = typer.Typer(help="Find the sentiment unit of a model, and show a unit's value over text.",
+neuron_app = typer.Typer(help="Find the sentiment unit of a model, show a unit's value over text, score texts.",
                          no_args_is_help=True)
 
 
@@ -55,7 +57,12 @@ def find(
         ck.pop("path", None)
         set_record(ck, rec)
         saved = Path(out) if out else path
-        ckm.save(saved, ck)
+        if ck.get("export") and out is None:  # an export folder keeps its unit in sentiment.json
+            from charrnn.export import write_record
+
+            write_record(path, rec)
+        else:
+            ckm.save(saved, ck)
     summary = {"unit": res.unit, "polarity": res.polarity, "single_unit_accuracy": res.single_unit_accuracy,
                "all_units_accuracy": res.all_units_accuracy, "test_examples": res.test_examples}
     if json_out:
@@ -116,3 +123,37 @@ def show(
     if html is not None:
         ckm.atomic_write_text(html, render.render_html(kept, values, colors, title))
         ui.info(f"wrote {html}")
+
+
+@neuron_app.command("score")
+@handle_errors
+def score(
+    checkpoint: CheckpointArg,
+    file: Annotated[Path, typer.Argument(help="Text file (one text per line) or labeled TSV (label<TAB>text).")],
+    jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per text on stdout, in file order: {"line", "value", "p_positive", ("label", "correct",) "text"} (the default when stdout is not a terminal).')] = False,
+    show: Annotated[int, typer.Option(min=1, help="On a terminal: list this many of the most positive and of the most negative texts.")] = 20,
+):
+    """The sentiment unit's final value and P(positive) for each text; with a labeled TSV, accuracy too."""
+    import time
+
+    from charrnn import checkpoint as ckm
+    from charrnn import ui
+    from charrnn.neuron import get_record
+    from charrnn.neuron.score import score_file
+
+    model, vocab, ck = ckm.load_model(checkpoint, on_warn=ui.warn)
+    rec = get_record(ck)
+    if not isinstance(rec.get("logistic"), dict):
+        ui.warn(f"{ck['path']}'s sentiment unit has no stored logistic fit (it predates them), so there is no "
+                "P(positive): values only; run 'charrnn neuron find CHECKPOINT LABELED.tsv' again to store one")
+    t0 = time.perf_counter()
+    res = score_file(model, vocab, rec, file, on_warn=ui.warn)
+    seconds = time.perf_counter() - t0
+    if jsonl or not sys.stdout.isatty():
+        for row in res.rows():
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        acc = res.accuracy
+        ui.info(f"{len(res.texts)} texts of {file}" + ("" if acc is None else f"; accuracy {acc:.1%}"))
+    else:
+        ui.neuron_score_table(res, rec, str(ck["path"]), str(file), show, seconds)

@@ -4,6 +4,7 @@
 - `states`: a model's states over text (final states, one unit's trace).
 - `steer`: the checkpoint's unit record, `check_unit`, and the hooks that fix a unit (`sample --sentiment`).
 - `bind`: `BoundObjective`, the training objective of `train --sentiment-unit`.
+- `score`: each text of a file scored by the unit, P(positive) from the record's logistic fit (`neuron score`).
 """
 
 from charrnn.neuron.bind import BOUND_UNIT, BoundObjective, char_labels, reading_scale, text_spans

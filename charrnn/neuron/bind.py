@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from charrnn.data import StreamBatcher, read_labeled, split
 from charrnn.errors import DataError, UsageError
-from charrnn.neuron.find import fix_values_of
+from charrnn.neuron.find import fit_logistic, fix_values_of
 from charrnn.neuron.states import unit_at_ends
 from charrnn.neuron.steer import default_state, set_unit, state_names
 
@@ -148,12 +148,18 @@ class BoundObjective:
         pos, neg = self.observed["positive"], self.observed["negative"]
         v = self.sc.value if "c" in self.names else math.tanh(self.sc.value)
         observed = None
+        # P(positive) for `neuron score`: fitted on the values the reading loss saw, once there are
+        # enough; before that, the reading loss's own logit (scale * value, no intercept)
+        logistic = {"slope": self._scale, "intercept": 0.0, "fitted_on": "reading loss"}
         if len(pos) >= 8 and len(neg) >= 8:
-            observed = fix_values_of(torch.tensor(pos + neg), torch.tensor([1] * len(pos) + [0] * len(neg)), 1)
+            values, labels = torch.tensor(pos + neg), torch.tensor([1] * len(pos) + [0] * len(neg))
+            observed = fix_values_of(values, labels, 1)
+            logistic = {**fit_logistic(values, labels), "fitted_on": "observed"}
         return {
             "unit": BOUND_UNIT, "layer": self.top, "state": self.state, "polarity": 1,
             "fix_values": {"positive": v, "negative": -v}, "observed_fix_values": observed, "source": "bind",
             "train_value": self.sc.value, "observed": {"positive": list(pos), "negative": list(neg)},
+            "logistic": logistic,
         }
 
     # ------------------------------------------------------------ the parts

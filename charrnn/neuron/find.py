@@ -148,13 +148,15 @@ class FindResult:
     fix_values: dict  # {'positive': v, 'negative': v}: where `sample --sentiment` fixes the unit
     top_units: list = field(default_factory=list)  # [(layer, unit, weight)] largest |weight| first
     sweep: list = field(default_factory=list)  # [(lam, nonzero, val accuracy)]
+    logistic: dict = field(default_factory=dict)  # the unit's own fit on its raw value: {'slope', 'intercept'}
 
     def record(self, source: str, **extra) -> dict:
         """The checkpoint's unit record (see charrnn.neuron.steer)."""
         return {"unit": self.unit, "layer": self.layer, "state": self.state, "polarity": self.polarity,
                 "fix_values": dict(self.fix_values), "source": source,
                 "single_unit_accuracy": self.single_unit_accuracy, "all_units_accuracy": self.all_units_accuracy,
-                "test_examples": self.test_examples, **extra}
+                "test_examples": self.test_examples,
+                **({"logistic": {**self.logistic, "fitted_on": "find"}} if self.logistic else {}), **extra}
 
 
 def fix_values_of(values: torch.Tensor, labels: torch.Tensor, polarity: int, q: float = FIX_QUANTILE) -> dict:
@@ -164,6 +166,24 @@ def fix_values_of(values: torch.Tensor, labels: torch.Tensor, polarity: int, q: 
     hi, lo = q, 1.0 - q
     return {"positive": float(torch.quantile(pos, hi if polarity > 0 else lo)),
             "negative": float(torch.quantile(neg, lo if polarity > 0 else hi))}
+
+
+def raw_logistic(w: float, b: float, mu: float, sd: float) -> dict:
+    """A logistic fit on the standardised value z = (x - mu) / sd, as slope and intercept on the raw value x
+    (what `neuron score` applies to a unit's final value: P(positive) = sigmoid(slope * x + intercept))."""
+    return {"slope": w / sd, "intercept": b - w * mu / sd}
+
+
+def fit_logistic(values: torch.Tensor, labels: torch.Tensor) -> dict:
+    """{'slope', 'intercept'} of a one-unit logistic regression of `labels` (0/1) on raw `values`."""
+    x = values.double()
+    mu, sd = float(x.mean()), float(x.std().clamp_min(1e-6))
+    return raw_logistic(*fit_single((x - mu) / sd, labels.double()), mu, sd)
+
+
+def p_positive(logistic: dict, values: torch.Tensor) -> torch.Tensor:
+    """P(positive) of each final value under a stored fit (see raw_logistic)."""
+    return torch.sigmoid(logistic["slope"] * values.double() + logistic["intercept"])
 
 
 def _features(states: dict, state: str, layers: list[int]) -> torch.Tensor:
@@ -224,6 +244,7 @@ def find_unit(train: dict, y_train: torch.Tensor, val: dict, y_val: torch.Tensor
         val_single_unit_accuracy=val_single, val_all_units_accuracy=val_all, lam=lam,
         nonzero=int((w != 0).sum()), rank=int((w.abs() > w[j].abs()).sum()) + 1, test_examples=len(yte),
         fit_examples=len(ytr), fix_values=fix_values_of(Xtr[:, j], y_train, polarity), top_units=top, sweep=sweep,
+        logistic=raw_logistic(w1, b1, float(mu[j]), float(sd[j])),
     )
 
 
