@@ -24,6 +24,9 @@ def test_the_package_exports_exactly_the_api():
     for name in ("load", "train"):
         fn = getattr(charrnn, name)
         assert fn.__doc__ and fn.__annotations__.get("return")
+    from charrnn.train import Trainer  # the training module, whose import would make charrnn.train a module
+
+    assert charrnn.train is charrnn.api.train and Trainer.__module__ == "charrnn.train"
 
 
 # ---------------------------------------------------------------- train
@@ -48,11 +51,14 @@ def test_train_reports_to_a_function_and_a_receiver_and_prints_nothing(corpus, c
     assert isinstance(m, charrnn.Model) and m.config["hidden"] == 32 and m.path.parent == run.run_dir
 
 
-def test_train_with_a_time_budget(corpus):
-    run = charrnn.train(str(corpus), time="2s", eval_every=20, run_dir="checkpoints/timed", **TINY_OPTIONS)
+def test_train_with_a_time_budget_and_progress(corpus, capfd):
+    run = charrnn.train(str(corpus), time="2s", eval_every=20, run_dir="checkpoints/timed", progress=True,
+                        **TINY_OPTIONS)
     assert run.reason in ("done", "early stop") and run.step > 0 and run.elapsed_s < 30
     meta = json.loads(next(Path("checkpoints/timed").glob("*.json")).read_text())
     assert meta["step"] <= run.step
+    out, err = capfd.readouterr()
+    assert out == "" and "val loss" in err  # the command's display, on stderr, when asked for
 
 
 @pytest.mark.parametrize("kwargs,fragment", [

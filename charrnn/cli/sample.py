@@ -23,7 +23,7 @@ def sample(
     prime: Annotated[str, typer.Option(help="Text to start from (printed before the sample unless --no-prime-echo); - reads it from standard input.")] = "",
     prime_file: Annotated[Optional[Path], typer.Option(help="Read the text to start from from this UTF-8 file (instead of --prime).", show_default=False)] = None,
     no_prime_echo: Annotated[bool, typer.Option("--no-prime-echo", help="Print only the generated text, not the prime.")] = False,
-    stop: Annotated[Optional[list[str]], typer.Option(help="End each sample at its first match of this text, e.g. --stop '\\n' (repeatable; \\n, \\t and \\\\ are newline, tab, backslash); generation ends when every sample has.", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(metavar="<str>", help="End each sample at its first match of this text, e.g. --stop '\\n' (repeatable; \\n, \\t and \\\\ are newline, tab, backslash); generation ends when every sample has.", show_default=False)] = None,
     stop_keep: Annotated[bool, typer.Option("--stop-keep", help="Keep the matched --stop text at the end of the sample \\[default: cut it off].")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
     num: Annotated[int, typer.Option(help="Number of samples.")] = 1,
