@@ -261,33 +261,23 @@ def _resumed(resume, corpus, time, run_dir, init_from, allow_changed_corpus: boo
                           device=None if device in (None, "auto") else device, allow_changed_corpus=allow_changed_corpus)
 
 
+def _forward_every_event(cls):
+    """Give `cls` every on_* method of TrainEvents (those added later too), each calling cls._deliver(name, event)."""
+    for name in [n for n in vars(TrainEvents) if n.startswith("on_")]:
+        setattr(cls, name, lambda self, e, _name=name: self._deliver(_name, e))
+    return cls
+
+
+@_forward_every_event
 class _Receivers(TrainEvents):
     """Hands every event to each receiver in turn (the progress display, the caller's callback)."""
 
     def __init__(self, receivers: list[TrainEvents]):
         self.receivers = receivers
 
-    def _each(self, method: str, e) -> None:
+    def _deliver(self, name: str, e) -> None:
         for r in self.receivers:
-            getattr(r, method)(e)
-
-    def on_start(self, e):
-        self._each("on_start", e)
-
-    def on_step(self, e):
-        self._each("on_step", e)
-
-    def on_eval(self, e):
-        self._each("on_eval", e)
-
-    def on_save(self, e):
-        self._each("on_save", e)
-
-    def on_warn(self, e):
-        self._each("on_warn", e)
-
-    def on_end(self, e):
-        self._each("on_end", e)
+            getattr(r, name)(e)
 
     def close(self) -> None:
         for r in self.receivers:
@@ -295,28 +285,14 @@ class _Receivers(TrainEvents):
                 r.close()
 
 
+@_forward_every_event
 class _Function(TrainEvents):
     """A plain function as a receiver: called with every event object."""
 
     def __init__(self, fn: Callable[[Any], None]):
         self.fn = fn
 
-    def on_start(self, e):
-        self.fn(e)
-
-    def on_step(self, e):
-        self.fn(e)
-
-    def on_eval(self, e):
-        self.fn(e)
-
-    def on_save(self, e):
-        self.fn(e)
-
-    def on_warn(self, e):
-        self.fn(e)
-
-    def on_end(self, e):
+    def _deliver(self, name: str, e) -> None:
         self.fn(e)
 
 
