@@ -13,6 +13,7 @@ from charrnn.config import check_finite, check_seed
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN
+from charrnn.stops import StopStrings, check_stops
 
 
 # `sample --sentiment`'s guidance unless --guidance is given (0 = plain fixing). On the README recipe's
@@ -41,6 +42,8 @@ class SampleConfig:
     num: int = 1  # independent samples, generated together as one batch
     precision: str = "auto"  # weights and states: fp32, bf16, or auto (see choose_precision)
     guidance: float = 0.0  # > 0: contrast with a shadow stream fixed the opposite way (see generate)
+    stop: tuple[str, ...] = ()  # each sample ends at its first match of one of these (charrnn/stops.py)
+    stop_keep: bool = False  # the match ends the sample's text; False: it is cut off
 
 
 def validate(cfg: SampleConfig) -> None:
@@ -60,6 +63,7 @@ def validate(cfg: SampleConfig) -> None:
         raise UsageError(f"--guidance must be from 0 (off) to {MAX_GUIDANCE:g} (got {cfg.guidance})")
     if cfg.precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
+    check_stops(cfg.stop)
 
 
 # ---------------------------------------------------------------- precision
@@ -183,11 +187,11 @@ def default_prime(vocab: Vocab) -> str:
 def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
              on_chars: Callable[[list[str]], None] | None = None,
              hook=None) -> list[str]:
-    """Generate `cfg.num` samples; each starts with the prime (unknown characters already removed).
+    """Generate `cfg.num` samples; each is the prime (unknown characters already removed) and what follows it.
 
-    `on_chars` receives the newly generated character of every sample at each step, so the
-    caller can stream them. Returns the full texts, prime included, so memory grows with
-    num * length; `stream_chars` keeps nothing. `hook` and `cfg` as in `stream_chars`.
+    `on_chars` receives each step's newly final text of every sample (see `stream_chars`), so the
+    caller can stream it. Returns the full texts, so memory grows with num * length; `stream_chars`
+    keeps nothing. `hook` and `cfg` as in `stream_chars`.
     """
     out = None
     for chars in stream_chars(model, vocab, cfg, hook):
@@ -197,14 +201,17 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
             buf.append(ch)
         if on_chars is not None:
             on_chars(chars)
-    prime = cfg.prime or default_prime(vocab)
-    return [prime + "".join(buf) for buf in out] if out is not None else [prime] * cfg.num
+    return [cfg.prime + "".join(buf) for buf in out] if out is not None else [cfg.prime] * cfg.num
 
 
 @torch.no_grad()
 def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> Iterator[list[str]]:
     """Yield the next character of every sample, `cfg.length` times, after feeding the prime
     (`cfg.prime`, or default_prime). Nothing is kept between steps, so any length runs in constant memory.
+
+    With stop strings (`cfg.stop`) each sample's item is its newly final text instead: '' while
+    characters that may begin a match are held back, several characters once they are not, '' after
+    the sample stopped (charrnn/stops.py). Generation ends as soon as every sample has stopped.
 
     `hook(layer, t, state) -> state`, if given, may edit each layer's state at every step before the
     layers above read it (used to fix a unit's value; see charrnn/model.py).
@@ -229,6 +236,7 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
     ids = vocab.encode(cfg.prime or default_prime(vocab))
     state = model.init_state(rows, device)
     logits = None
+    stops = StopStrings(cfg.stop, n, cfg.stop_keep) if cfg.stop else None
     for i in ids:  # feed the prime one character at a time, so a hook sees every step
         x = torch.full((rows,), i, dtype=torch.long, device=device)
         logits, state = model.step(x, state, hook)
@@ -244,6 +252,16 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
                 f"the model's next-character probabilities are not finite at generated character {step + 1} (NaN "
                 "or infinite weights in the checkpoint, or a fixed --value too large); check the checkpoint with "
                 "'charrnn eval CHECKPOINT FILE'") from None
-        yield [vocab.chars[j] for j in nxt.tolist()]
+        chars = [vocab.chars[j] for j in nxt.tolist()]
+        if stops is None:
+            yield chars
+        else:
+            yield stops.feed(chars)
+            if stops.all_stopped:
+                return  # every sample has ended: not one model step more
         feed = nxt.repeat(rows // n).to(device)
         logits, state = model.step(feed, state, hook)
+    if stops is not None:
+        held = stops.flush()  # the samples reached --length while a possible match was held back
+        if any(held):
+            yield held

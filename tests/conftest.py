@@ -92,3 +92,18 @@ def cut_after(run: Path, step: int) -> None:
         if i.step > step:
             i.path.unlink()
             ckm.sidecar(i.path).unlink()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny model trained on make_text once per test module (its folder, outside the tests' own),
+    for tests that only read it. It learns the grammar's lines well enough to end one with a newline."""
+    home = tmp_path_factory.mktemp("tiny_run")
+    (home / "corpus.txt").write_text(make_text())
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(home)
+        mp.setenv("CHARRNN_CACHE", str(home / ".cache"))
+        r = run_cli("train", "corpus.txt", *TINY, "--steps", "120", "--eval-every", "40", "--run", "run")
+    assert r.exit_code == 0, r.stderr
+    return home / "run"

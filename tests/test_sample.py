@@ -1,5 +1,6 @@
-"""Sampling filters and the seeded generator (no trained model needed)."""
+"""Sampling filters, the seeded generator and stop strings; the sample command's primes and stops."""
 
+import json
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from charrnn.errors import UsageError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.sample import (BF16_MIN_BATCH, BF16_MIN_PARAMS, SampleConfig, choose_precision, clean_prime, cpu_has_bf16,
                             generate, pick, top_k_filter, top_p_filter)
+from charrnn.stops import StopStrings
 
 
 def test_top_k_keeps_k_largest():
@@ -109,3 +111,149 @@ def test_bf16_sampling_is_seeded_and_leaves_the_model_fp32():
     g32 = generate(m, v, SampleConfig(temperature=0, length=12, prime="ab", precision="fp32"))
     g16 = generate(m, v, SampleConfig(temperature=0, length=12, prime="ab", precision="bf16"))
     assert g32[0][:6] == g16[0][:6]
+
+
+# ---------------------------------------------------------------- stop strings
+
+
+def _stops(stops, text, keep=False):
+    """What StopStrings releases for one stream fed `text` a character at a time, and the flush."""
+    s = StopStrings(stops, 1, keep)
+    out = [s.feed([c])[0] for c in text]
+    return out, s.flush()[0], s.stopped[0]
+
+
+def test_stop_cut_and_keep():
+    out, rest, stopped = _stops(["\n"], "ab\ncd")
+    assert "".join(out) == "ab" and rest == "" and stopped
+    out, _, _ = _stops(["\n"], "ab\ncd", keep=True)
+    assert "".join(out) == "ab\n"
+
+
+def test_stop_holds_back_a_possible_match_and_releases_it_when_it_fails():
+    out, rest, stopped = _stops(["END"], "xEN")
+    assert out == ["x", "", ""] and rest == "EN" and not stopped  # held until the end, then flushed
+    out, _, _ = _stops(["END"], "xENDy")
+    assert out == ["x", "", "", "", ""]  # cut: the held "EN", the "D" and what follows never appear
+    out, _, stopped = _stops(["aab"], "aaab")  # the first 'a' starts no match once a third 'a' comes
+    assert "".join(out) == "a" and stopped
+    out, _, _ = _stops(["END"], "ENx")
+    assert out == ["", "", "ENx"]
+
+
+def test_stop_first_match_wins_and_the_earlier_start_on_a_tie():
+    out, _, _ = _stops([".", "!"], "hi! there.")
+    assert "".join(out) == "hi"
+    out, _, _ = _stops(["\n", "x\n"], "abx\nz")  # both end at the newline: the longer match is cut
+    assert "".join(out) == "ab"
+
+
+def test_stop_streams_end_independently():
+    s = StopStrings(["\n"], 2)
+    assert s.feed(["a", "b"]) == ["a", "b"]
+    assert s.feed(["\n", "c"]) == ["", "c"] and s.stopped == [True, False]
+    assert s.feed(["z", "\n"]) == ["", ""] and s.all_stopped
+
+
+@pytest.mark.parametrize("stop", [("",), ("ok", "")])
+def test_empty_stop_string_is_refused(stop):
+    m, v = _model()
+    with pytest.raises(UsageError, match="--stop"):
+        generate(m, v, SampleConfig(stop=stop))
+
+
+def _counting_hook():
+    """A hook that changes nothing and counts the model's steps (its calls for layer 0)."""
+    def hook(layer, t, state):
+        hook.steps += layer == 0
+        return state
+
+    hook.steps = 0
+    return hook
+
+
+def test_generation_ends_when_every_sample_has_stopped(tiny_run):
+    """--stop '\\n' --num 8: the model takes as many steps as the prime and the longest line, not --length."""
+    from charrnn.checkpoint import load_model
+
+    model, vocab, _ = load_model(tiny_run)
+    cfg = SampleConfig(temperature=0.8, length=500, seed=4, num=8, prime="The", stop=("\n",), precision="fp32")
+    full = _counting_hook()
+    long = generate(model, vocab, SampleConfig(**{**cfg.__dict__, "stop": ()}), hook=full)
+    assert full.steps == len("The") + 500  # the prime, then every generated character fed back
+    hook = _counting_hook()
+    lines = generate(model, vocab, cfg, hook=hook)
+    assert len(lines) == 8 and all("\n" not in t and t.startswith("The") for t in lines)
+    longest = max(len(t) for t in lines) - len("The")
+    assert hook.steps == len("The") + longest < 100  # the prime, then one step per character of the longest line
+    assert lines == [t.split("\n")[0] for t in long]  # the same seed: the same text, cut at its first newline
+    kept = generate(model, vocab, SampleConfig(**{**cfg.__dict__, "stop_keep": True}))
+    assert kept == [t + "\n" for t in lines]
+
+
+def test_stop_streaming_pieces_join_to_the_generated_text(tiny_run):
+    from charrnn.checkpoint import load_model
+    from charrnn.sample import stream_chars
+
+    model, vocab, _ = load_model(tiny_run)
+    cfg = SampleConfig(temperature=1.0, length=300, seed=2, prime="A", stop=("ng ", "\n"), precision="fp32")
+    pieces = [p[0] for p in stream_chars(model, vocab, cfg)]
+    assert "A" + "".join(pieces) == generate(model, vocab, cfg)[0]
+    assert len(pieces) < 300
+
+
+# ---------------------------------------------------------------- the sample command: --stop, primes, echo
+
+
+def _sample(run, *args, input=None):
+    from typer.testing import CliRunner
+
+    from charrnn.cli import app
+
+    return CliRunner().invoke(app, ["sample", str(run), *map(str, args)], input=input, catch_exceptions=False)
+
+
+def test_sample_stop_newline_num_8_prints_8_lines(tiny_run):
+    r = _sample(tiny_run, "--stop", "\\n", "--num", "8", "--seed", "1", "--temp", "0.8")  # as a shell passes "\n"
+    assert r.exit_code == 0, r.stderr
+    lines = r.stdout.split("\n")
+    assert len(lines) == 9 and lines[-1] == ""  # 8 lines (one may be empty: a sample that stopped at once)
+    j = _sample(tiny_run, "--stop", "\\n", "--num", "8", "--seed", "1", "--temp", "0.8", "--jsonl")
+    texts = [json.loads(line)["text"] for line in j.stdout.splitlines()]
+    assert texts == lines[:8]
+    k = _sample(tiny_run, "--stop", "\\n", "--stop-keep", "--num", "8", "--seed", "1", "--temp", "0.8", "--jsonl")
+    assert [json.loads(line)["text"] for line in k.stdout.splitlines()] == [t + "\n" for t in texts]
+
+
+def test_sample_stop_streams_one_sample(tiny_run):
+    r = _sample(tiny_run, "--stop", ".", "--stop", "\\n", "--prime", "The", "--seed", "3", "--length", "400")
+    assert r.exit_code == 0, r.stderr
+    text = r.stdout.removesuffix("\n")
+    assert text.startswith("The") and "." not in text and "\n" not in text
+
+
+def test_prime_file_stdin_and_no_echo_give_the_same_sample(tiny_run, tmp_path):
+    args = ["--seed", "5", "--length", "40", "--temp", "0.8"]
+    plain = _sample(tiny_run, "--prime", "The king", *args)
+    assert plain.exit_code == 0 and plain.stdout.startswith("The king")
+    f = tmp_path / "prime.txt"
+    f.write_text("The king")
+    assert _sample(tiny_run, "--prime-file", f, *args).stdout == plain.stdout
+    assert _sample(tiny_run, "--prime", "-", *args, input="The king").stdout == plain.stdout
+    quiet = _sample(tiny_run, "--prime-file", f, "--no-prime-echo", *args)
+    assert quiet.exit_code == 0 and "The king" + quiet.stdout == plain.stdout
+    many = _sample(tiny_run, "--prime", "The king", "--no-prime-echo", "--num", "2", "--jsonl", *args)
+    assert all(not json.loads(line)["text"].startswith("The king") for line in many.stdout.splitlines())
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--stop", ""], "--stop"),
+    (["--stop", "\\n", "--stop", ""], "--stop"),
+    (["--prime-file", "missing.txt"], "--prime-file"),
+    (["--prime", "The", "--prime-file", "PRIME"], "not both"),
+])
+def test_sample_bad_input_is_one_line_exit_2(tiny_run, tmp_path, args, fragment):
+    (tmp_path / "PRIME").write_text("The")
+    r = _sample(tiny_run, *[str(tmp_path / a) if a == "PRIME" else a for a in args])
+    assert r.exit_code == 2 and fragment in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

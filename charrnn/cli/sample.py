@@ -20,7 +20,11 @@ def sample(
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely characters; 0 = all.")] = 0,
     top_p: Annotated[float, typer.Option(help="Sample from the smallest set reaching probability p; 1 = all.")] = 1.0,
     length: Annotated[int, typer.Option(help="Characters to generate after the prime (one sample streams in constant memory, any length; --num N and --jsonl hold the texts).")] = 500,
-    prime: Annotated[str, typer.Option(help="Text to start from (included in the output).")] = "",
+    prime: Annotated[str, typer.Option(help="Text to start from (printed before the sample unless --no-prime-echo); - reads it from standard input.")] = "",
+    prime_file: Annotated[Optional[Path], typer.Option(help="Read the text to start from from this UTF-8 file (instead of --prime).", show_default=False)] = None,
+    no_prime_echo: Annotated[bool, typer.Option("--no-prime-echo", help="Print only the generated text, not the prime.")] = False,
+    stop: Annotated[Optional[list[str]], typer.Option(metavar="<str>", help="End each sample at its first match of this text, e.g. --stop '\\n' (repeatable; \\n, \\t and \\\\ are newline, tab, backslash); generation ends when every sample has.", show_default=False)] = None,
+    stop_keep: Annotated[bool, typer.Option("--stop-keep", help="Keep the matched --stop text at the end of the sample \\[default: cut it off].")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
     num: Annotated[int, typer.Option(help="Number of samples.")] = 1,
     jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per sample: {"text": ...}.')] = False,
@@ -36,17 +40,20 @@ def sample(
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
     from charrnn import ui
     from charrnn.config import check_finite
+    from charrnn.api import load
+    from charrnn.data import Vocab
     from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, stream_chars, validate
-    from charrnn.checkpoint import load_model
-    from charrnn.train import pick_device
 
     check_finite(value=value)
     if guidance is None:
         guidance = SENTIMENT_GUIDANCE if sentiment is not None else 0.0
+    prime = read_prime(prime, prime_file)
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
-                       precision=precision.value, guidance=guidance)
+                       precision=precision.value, guidance=guidance, stop=tuple(unescape(s) for s in stop or ()),
+                       stop_keep=stop_keep)
     validate(cfg)
-    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir, on_warn=ui.warn)
+    m = load(checkpoint, device.value, home=dir, on_warn=ui.warn)
+    model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
     from charrnn.neuron.steer import steering_hook
 
     hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
@@ -55,21 +62,49 @@ def sample(
     if unknown:
         ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
     cfg.prime = kept
+    echo = "" if no_prime_echo else kept
     stream = num == 1 and not jsonl
     if stream:
-        from charrnn.sample import default_prime
-
-        sys.stdout.write(kept or default_prime(vocab))
+        sys.stdout.write(echo)
         sys.stdout.flush()
         for chars in stream_chars(model, vocab, cfg, hook=hook):  # nothing kept: --length can be any size
             sys.stdout.write(chars[0])
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    texts = generate(model, vocab, cfg, hook=hook)
+    texts = [echo + t[len(kept):] for t in generate(model, vocab, cfg, hook=hook)]
+    one_line = not any("\n" in t for t in texts)  # as --stop '\n' makes them: one per line, no blank lines between
     for i, t in enumerate(texts):
         if jsonl:
             sys.stdout.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
         else:
-            sys.stdout.write(("\n" if i else "") + t + "\n")
+            sys.stdout.write(("\n" if i and not one_line else "") + t + "\n")
     sys.stdout.flush()
+
+
+def read_prime(prime: str, prime_file: Path | None) -> str:
+    """The prime: --prime's text, standard input for --prime -, or --prime-file's content."""
+    from charrnn.errors import UsageError
+
+    if prime_file is not None:
+        if prime:
+            raise UsageError("give --prime or --prime-file, not both")
+        if not Path(prime_file).is_file():
+            raise UsageError(f"--prime-file {prime_file}: no such file; name a UTF-8 text file to start from")
+        from charrnn.data import iter_text
+
+        return "".join(iter_text(Path(prime_file)))
+    if prime == "-":
+        return sys.stdin.read()
+    return prime
+
+
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """--stop's text with \\n, \\t, \\r and \\\\ read as newline, tab, return and backslash (a shell passes them
+    as two characters); any other backslash stays as it is."""
+    import re
+
+    return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
