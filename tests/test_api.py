@@ -95,6 +95,16 @@ def test_load_a_run_folder_or_a_checkpoint_file(tiny_run):
         charrnn.load(tiny_run / "nothing")
 
 
+
+def test_load_an_exported_folder_gives_the_same_model(tiny_run, tmp_path):
+    r = run_cli("export", tiny_run, "-o", tmp_path / "exported")
+    assert r.exit_code == 0, r.stderr
+    full, exported = charrnn.load(tiny_run), charrnn.load(tmp_path / "exported")
+    assert exported.vocab == full.vocab and exported.config == full.config
+    assert exported.generate("The", length=80, seed=5) == full.generate("The", length=80, seed=5)
+    text = "The king speaks softly.\nA fool waits alone.\n"
+    assert abs(exported.loss(text) - full.loss(text)) < 1e-6
+
 def test_generate_is_what_sample_prints(tiny_run):
     m = charrnn.load(tiny_run)
     one = m.generate("The", length=60, seed=3, temperature=0.8)
