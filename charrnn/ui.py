@@ -78,7 +78,8 @@ class TrainDisplay(TrainEvents):
         length = f"{fmt_duration(e.time_budget_s)} budget" if e.time_budget_s else f"{e.total_steps} steps"
         info(f"{what} {c.cell} {c.layers}x{c.hidden} ({e.params / 1e6:.2f}M params) on "
              f"{e.train_chars:,} chars (val {e.val_chars:,}, vocab {e.vocab_size}), "
-             f"seq {c.seq_len} x batch {c.batch_size}, {length}, {e.device}", self.quiet)
+             f"seq {c.seq_len} x batch {c.batch_size}, {length}, {e.device}, {e.precision} ({e.precision_why})",
+             self.quiet)
         info(f"run folder: {e.run_dir}", self.quiet)
         if self.live:
             self.progress = self._bar()
