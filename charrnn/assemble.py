@@ -212,7 +212,7 @@ def _precision(start: Start, device: torch.device, dist: Dist, model: CharRNN, b
         choice = choose(cfg.precision, device, model, batch, cfg.seq_len)
     else:
         choice = for_resume(start.state.precision, start.precision_asked, device, model, batch, cfg.seq_len)
-    choice = Choice(*broadcast_object(dist, [choice.name, choice.why, choice.speedup]))
+    choice = Choice(*broadcast_object(dist, [choice.name, choice.why]))
     start.state.precision = choice.name
     return choice
 

@@ -48,7 +48,6 @@ class Choice:
 
     name: str  # "fp32", "bf16" or "fp16"
     why: str  # e.g. "auto: bf16 measured 1.52x fp32"
-    speedup: float | None = None  # auto on a CPU with native bf16: measured bf16 speed / fp32 speed
 
 
 def check_available(asked: str, device: torch.device) -> None:
@@ -87,7 +86,7 @@ def choose(asked: str, device: torch.device, model: CharRNN, batch: int, seq_len
     fp32_s, bf16_s = measured
     speedup = fp32_s / bf16_s
     name = "bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32"
-    return Choice(name, f"auto: bf16 measured {speedup:.2f}x fp32", speedup)
+    return Choice(name, f"auto: bf16 measured {speedup:.2f}x fp32")
 
 
 def for_resume(recorded: str | None, asked: str | None, device: torch.device, model: CharRNN, batch: int,
@@ -96,8 +95,7 @@ def for_resume(recorded: str | None, asked: str | None, device: torch.device, mo
     if asked is not None:
         new = choose(asked, device, model, batch, seq_len)
         if recorded is not None and new.name != recorded:
-            return Choice(new.name, f"{new.why}; switched from the run's {recorded}, so no longer bit-exact",
-                          new.speedup)
+            return Choice(new.name, f"{new.why}; switched from the run's {recorded}, so no longer bit-exact")
         return new
     if recorded is None:  # a run from before the precision was recorded: what it used then
         return Choice(Precision(device).name, "as the run trained before")
