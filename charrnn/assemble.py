@@ -13,11 +13,12 @@ from charrnn import checkpoint as ckpt_mod
 from charrnn.config import TrainConfig, resolve, time_budget, validate
 from charrnn.data import StreamBatcher, Vocab, encode, join_encoded, split
 from charrnn.device import Precision, pick_device, setup_distributed
-from charrnn.distributed import Dist
+from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.events import TrainEvents, WarnEvent
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.objective import LanguageModelObjective, Objective
+from charrnn.precision import Choice, check_available, choose, for_resume
 from charrnn.runfolder import RunFolder, default_run_dir, newest_checkpoint, refuse_existing_run
 from charrnn.runlock import check_free
 from charrnn.runstate import RunState
@@ -39,6 +40,7 @@ class Start:
     source: str | None = None  # the checkpoint file they come from (named in errors)
     record: dict | None = None  # the unit record of the checkpoint the run starts from (see _objective)
     saved: dict | None = None  # the checkpoint a resumed run continues
+    precision_asked: str | None = None  # --precision given with --resume (None: the run's own)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class Parts(Start):
     net: torch.nn.Module | None = None  # the model, wrapped for DistributedDataParallel under torchrun
     optimizer: torch.optim.Optimizer | None = None
     precision: Precision | None = None
+    precision_choice: Choice | None = None  # the precision's name and why it was chosen (for StartEvent)
     rows: slice | None = None  # this process's streams of the batch
     carry: tuple = ()  # the recurrent state carried into the next step, for this process's streams
     objective: Objective | None = None  # what each step minimises (charrnn/objective.py)
@@ -79,6 +82,7 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
                   weights=init["model"] if init is not None else None, source=init["path"] if init is not None else None,
                   record=init.get("sentiment") if init is not None else None)
     device, dist = setup_distributed(cfg)
+    check_available(cfg.precision, device)  # refused before the run folder is made
     folder = RunFolder.claim_new(run_dir, lambda: default_run_dir(Path(home), corpus, cfg), dist)
     with folder.released_on_error(remove=run_dir is None):  # nobody else knows a new default folder
         return _assemble(start, folder, device, dist, events)
@@ -105,24 +109,27 @@ def _load_new_corpus(corpus: list[Path], cfg: TrainConfig, init_from: Path | Non
 
 
 def resumed_run(run_dir: Path, threads: int | None, device: str | None, allow_changed_corpus: bool,
-                events: TrainEvents) -> Parts:
+                events: TrainEvents, precision: str | None = None) -> Parts:
     """A run continued from its newest readable checkpoint, its folder locked before anything in it is read.
 
     A corpus file whose bytes differ from those the run started on is refused (CheckpointError),
     unless `allow_changed_corpus`; checkpoints written before fingerprints were kept are not checked.
+    `precision` switches the run's own (see charrnn/precision.py).
     """
     run_dir = Path(run_dir)
     folder = RunFolder.claim_existing(run_dir, main=Dist.from_env().main)
     with folder.released_on_error():
         ck = newest_checkpoint(run_dir, on_warn=lambda m: events.on_warn(WarnEvent(m)))
         cfg = TrainConfig.from_dict(ck["train"]["config"])
-        cfg = replace(cfg, threads=threads or cfg.threads, device=device or cfg.device)
+        cfg = replace(cfg, threads=threads or cfg.threads, device=device or cfg.device,
+                      precision=precision or cfg.precision)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         train_data, val_data, vocab, sha = _load_saved_corpus(run_dir, ck, cfg, allow_changed_corpus, events)
         start = Start(cfg, [Path(p) for p in ck["train"]["corpus"]], sha, vocab, train_data, val_data,
                       RunState.from_checkpoint(ck["train"]["state"], cfg), ModelConfig(**ck["model_config"]),
-                      weights=ck["model"], source=ck["path"], record=ck.get("sentiment"), saved=ck)
+                      weights=ck["model"], source=ck["path"], record=ck.get("sentiment"), saved=ck,
+                      precision_asked=precision)
         device, dist = setup_distributed(cfg)
         return _assemble(start, folder, device, dist, events)
 
@@ -169,8 +176,9 @@ def _assemble(start: Start, folder: RunFolder, device: torch.device, dist: Dist,
         with dist.guard():  # DDP starts by sending rank 0's weights to every process
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    precision = Precision(device)
     rows = dist.shard(cfg.batch_size)
+    choice = _precision(start, device, dist, model, rows.stop - rows.start)
+    precision = Precision(device, choice.name)
     if saved is None:
         carry = model.init_state(rows.stop - rows.start, device)
     else:
@@ -192,8 +200,21 @@ def _assemble(start: Start, folder: RunFolder, device: torch.device, dist: Dist,
     objective = _objective(cfg, model, start.corpus, start.vocab, start.train_data,
                            len(start.train_data) + len(start.val_data), start.record)
     return Parts(**vars(start), folder=folder, device=device, dist=dist, model=model, net=net, optimizer=optimizer,
-                 precision=precision, rows=rows, carry=carry, objective=objective,
+                 precision=precision, precision_choice=choice, rows=rows, carry=carry, objective=objective,
                  evaluated=saved is not None and saved.get("val_loss") is not None)
+
+
+def _precision(start: Start, device: torch.device, dist: Dist, model: CharRNN, batch: int) -> Choice:
+    """The run's precision (charrnn/precision.py), rank 0's under torchrun (a measurement may differ
+    between processes), recorded in its state so that a resume trains the same way."""
+    cfg = start.cfg
+    if start.saved is None:
+        choice = choose(cfg.precision, device, model, batch, cfg.seq_len)
+    else:
+        choice = for_resume(start.state.precision, start.precision_asked, device, model, batch, cfg.seq_len)
+    choice = Choice(*broadcast_object(dist, [choice.name, choice.why]))
+    start.state.precision = choice.name
+    return choice
 
 
 def _objective(cfg: TrainConfig, model: CharRNN, corpus: list[Path], vocab: Vocab, train_data: torch.Tensor,

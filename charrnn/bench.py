@@ -77,15 +77,16 @@ class RawModel(nn.Module):
 
 
 def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: int = 3,
-                  device: str = "cpu") -> tuple[float, list[float]]:
+                  device: str = "cpu", precision: str | None = None) -> tuple[float, list[float]]:
     """chars/s of a plain PyTorch TBPTT loop (Adam, clipping) and its RSS after each step.
 
-    On CUDA it uses the same mixed precision as charrnn (autocast to bf16, or fp16 where bf16 is missing)."""
-    from charrnn.device import autocast_dtype
+    `precision` ("fp32", "bf16" or "fp16") is the autocast of its forward pass, the loss in fp32, as
+    charrnn's; None: CUDA's mixed precision on CUDA (bf16, or fp16 where bf16 is missing), fp32 elsewhere."""
+    from charrnn.device import AUTOCAST_DTYPES, autocast_dtype
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    amp = autocast_dtype(dev)
+    amp = autocast_dtype(dev) if precision is None else AUTOCAST_DTYPES[precision]
     m = RawModel(vocab, s).to(dev)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     n = len(data) // s.batch_size
@@ -111,9 +112,10 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
     return steps * s.batch_size * s.seq_len / (time.perf_counter() - t0), rss
 
 
-def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path,
-                      device: str = "cpu") -> tuple[float, list[float]]:
-    """chars/s of charrnn's own training loop (the code `charrnn train` runs) at the same shape."""
+def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path, device: str = "cpu",
+                      precision: str = "fp32") -> tuple[float, list[float], str]:
+    """chars/s of charrnn's own training loop (the code `charrnn train` runs) at the same shape, its RSS
+    after each logged step, and the precision it trained in (`precision` is train --precision's)."""
     from charrnn.events import TrainEvents
     from charrnn.train import Trainer
 
@@ -124,15 +126,35 @@ def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path,
             rss.append(rss_mb())
 
     cfg = TrainConfig(cell=s.cell, layers=s.layers, hidden=s.hidden, seq_len=s.seq_len, batch_size=s.batch_size,
-                      steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device=device)
+                      steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device=device,
+                      precision=precision)
     trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=Memory())
     summary = trainer.run()
-    return summary["chars_per_s"], rss
+    return summary["chars_per_s"], rss, trainer.state.precision
 
 
-def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int = 2,
-                   device: str = "cpu") -> list[dict]:
-    """Raw loop and charrnn, alternated `rounds` times per shape; medians and their ratio."""
+def default_train_precisions(device: str) -> list[str]:
+    """What `bench --sections train` compares: fp32, and bf16 where this CPU has it natively; on CUDA,
+    charrnn's mixed precision (auto) on both sides."""
+    from charrnn.device import cpu_has_bf16
+
+    if device == "cuda":
+        return ["auto"]
+    return ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+
+
+def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int = 2, device: str = "cpu",
+                   precisions: list[str] | None = None) -> list[dict]:
+    """Raw loop and charrnn in each precision, alternated `rounds` times per shape; medians and their ratio.
+
+    Each precision ("fp32", "bf16" or "auto", as train --precision) gets a "train" row: charrnn against
+    a raw loop in the same precision. With fp32 and bf16 both asked, a "precision" row per shape gives
+    bf16's speed over fp32's, for charrnn and for the raw loop; where charrnn refuses bf16 (a CPU
+    without native bf16) that row says why and what the raw loop did in bf16 (its speed, or its error).
+    """
+    from charrnn.errors import CharRNNError
+
+    precisions = precisions or default_train_precisions(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "bench.txt"
@@ -140,21 +162,54 @@ def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int 
         data = torch.tensor(Vocab.from_text_chars(corpus.read_text()).encode(corpus.read_text()), dtype=torch.uint8)
         vocab = int(data.max()) + 1
         for s in shapes:
-            raw, ours, growth = [], [], []
+            raw = {p: [] for p in precisions}
+            ours, growth, used, refused = {p: [] for p in precisions}, {p: [] for p in precisions}, {}, {}
             for r in range(rounds):
-                cps, _ = raw_train_cps(data, vocab, s, steps, device=device)
-                raw.append(cps)
-                cps, rss = charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{r}", device)
-                ours.append(cps)
-                if len(rss) >= 2:
-                    growth.append(rss[-1] - rss[0])
-            row = {"shape": s.name, "device": device, "raw_chars_per_s": statistics.median(raw),
-                   "charrnn_chars_per_s": statistics.median(ours),
-                   "rss_growth_mb": max(growth) if growth else 0.0}
-            row["ratio"] = row["charrnn_chars_per_s"] / row["raw_chars_per_s"]
-            report("train", row)
-            rows.append(row)
+                for p in precisions:  # alternated: a slow spell of the machine hits every side alike
+                    if p in refused:
+                        continue
+                    try:
+                        cps, rss, used[p] = charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{p}-{r}",
+                                                              device, p)
+                    except CharRNNError as e:
+                        refused[p] = str(e)
+                        continue
+                    ours[p].append(cps)
+                    if len(rss) >= 2:
+                        growth[p].append(rss[-1] - rss[0])
+                    raw[p].append(raw_train_cps(data, vocab, s, steps, device=device, precision=used[p])[0])
+            for p in precisions:
+                if p in refused:
+                    continue
+                row = {"shape": s.name, "device": device, "precision": used[p],
+                       "raw_chars_per_s": statistics.median(raw[p]), "charrnn_chars_per_s": statistics.median(ours[p]),
+                       "rss_growth_mb": max(growth[p]) if growth[p] else 0.0}
+                row["ratio"] = row["charrnn_chars_per_s"] / row["raw_chars_per_s"]
+                report("train", row)
+                rows.append(row)
+            if {"fp32", "bf16"} <= set(precisions):
+                rows.append(_bf16_row(report, s, device, raw, ours, refused.get("bf16"), data, vocab, steps))
     return rows
+
+
+def _bf16_row(report: Report, s: Shape, device: str, raw: dict, ours: dict, refused: str | None,
+              data: torch.Tensor, vocab: int, steps: int) -> dict:
+    """bf16 over fp32, charrnn's and the raw loop's; or why charrnn refused bf16 and what the raw loop did."""
+    fp32, raw_fp32 = statistics.median(ours["fp32"]), statistics.median(raw["fp32"])
+    row = {"shape": s.name, "device": device, "charrnn_fp32_chars_per_s": fp32, "raw_fp32_chars_per_s": raw_fp32}
+    if refused is None:
+        bf16, raw_bf16 = statistics.median(ours["bf16"]), statistics.median(raw["bf16"])
+        row.update(charrnn_bf16_chars_per_s=bf16, raw_bf16_chars_per_s=raw_bf16, speedup=bf16 / fp32,
+                   raw_speedup=raw_bf16 / raw_fp32, refused=None, raw_error=None)
+    else:  # what bf16 does here without charrnn's refusal: the raw loop, emulated, or its kernel's error
+        try:
+            raw_bf16 = raw_train_cps(data, vocab, s, steps, device=device, precision="bf16")[0]
+            row.update(raw_bf16_chars_per_s=raw_bf16, raw_speedup=raw_bf16 / raw_fp32, raw_error=None)
+        except RuntimeError as e:
+            row.update(raw_bf16_chars_per_s=None, raw_speedup=None, raw_error=str(e).splitlines()[0].split(". ")[0][:120])
+        row.update(charrnn_bf16_chars_per_s=None, speedup=None, refused=refused)
+    report("precision", row)
+    return row
 
 
 # ---------------------------------------------------------------- sampling

@@ -26,6 +26,7 @@ SEED_LIMIT = 2**64  # seeds are 0 .. 2**64 - 1: what torch's generators hold (la
 MAX_SIZE = 1 << 20  # hidden, embed, seq_len, batch_size
 MAX_LAYERS = 1024
 MAX_THREADS = 1024
+PRECISIONS = ("auto", "fp32", "bf16")  # train --precision
 
 
 # TrainConfig's flat fields before SentimentConfig held them (checkpoints of older runs): old name -> field
@@ -88,6 +89,8 @@ class TrainConfig:
     # None: 5 for a time-budget run (the budget is a limit, not a goal), never for --steps/--epochs
     # hardware
     device: str = "auto"
+    precision: str = "auto"  # one of PRECISIONS: the forward pass in fp32, or bf16 autocast; auto: bf16 where
+    # measured faster on a CPU with native bf16, CUDA's mixed precision on a GPU (charrnn/precision.py)
     threads: int | None = None  # CPU threads; None: PyTorch's default
     encoding_errors: str = "strict"  # 'strict' or 'replace' for invalid UTF-8 in the corpus
     sentiment: SentimentConfig = field(default_factory=SentimentConfig)  # train --sentiment-unit
@@ -183,6 +186,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("sentiment binding needs weight >= 0, fixed fraction in [0, 1] and fixed value > 0")
     if cfg.encoding_errors not in ("strict", "replace"):
         raise UsageError("--encoding-errors must be 'strict' or 'replace'")
+    if cfg.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
 
 
 # Width by time budget, measured on a 2-core CPU (see README): the largest model that still

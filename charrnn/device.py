@@ -1,4 +1,4 @@
-"""Where a run trains: the device, the process group under torchrun, and mixed precision on CUDA."""
+"""Where a run trains: the device, the process group under torchrun, and how a step runs in mixed precision."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), per oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# A run's precision by name (kept in its RunState): the autocast dtype of its forward pass, None for plain fp32
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
     """The device, and the process group when started by torchrun (one process per device or core)."""
     device = pick_device(cfg.device)
@@ -46,11 +58,17 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, Dist]:
 
 
 class Precision:
-    """Autocast and, for fp16, the gradient scaler: the parts of a step that differ by precision."""
+    """Autocast and, for fp16, the gradient scaler: the parts of a step that differ by precision.
 
-    def __init__(self, device: torch.device):
+    Whatever the precision, the weights, their gradients and the optimiser state stay fp32 (autocast
+    casts copies for the forward pass), and the loss is computed in fp32. `name` is "fp32", "bf16"
+    or "fp16" (charrnn/precision.py chooses it); None: CUDA's mixed precision, fp32 elsewhere.
+    """
+
+    def __init__(self, device: torch.device, name: str | None = None):
         self.device_type = device.type
-        self.dtype = autocast_dtype(device)
+        self.dtype = AUTOCAST_DTYPES[name] if name is not None else autocast_dtype(device)
+        self.name = next(k for k, v in AUTOCAST_DTYPES.items() if v == self.dtype)
         self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
 
     @property
@@ -68,6 +86,12 @@ class Precision:
 
     def autocast(self):
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    @staticmethod
+    def carried(state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The state carried into the next window, detached and in fp32 whatever the kernels returned
+        (exact: a bf16 or fp16 value is an fp32 one), so checkpoints and rollbacks hold one dtype."""
+        return tuple(s.detach().float() for s in state)
 
     def backward(self, objective: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """Gradients of `objective`, unscaled, so clipping and the norm see their true size."""

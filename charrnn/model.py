@@ -392,7 +392,8 @@ class CharRNN(nn.Module):
         logits = self.head(self.drop(out))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            # in fp32 whatever autocast made the logits: a mean over B*T log-probabilities needs the bits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return logits, loss, state
 
     @staticmethod

@@ -32,6 +32,9 @@ class RunState:
     # steps between evaluations: --eval-every, or chosen by the run (for a time budget, re-estimated
     # from the measured speed while --eval-every is not given)
     eval_every: int | None = None
+    # the precision the run trains in ("fp32", "bf16" or "fp16"), chosen once from --precision when it
+    # starts (auto measures), so a resume trains as it did; None: a run from before it was kept here
+    precision: str | None = None
 
     @classmethod
     def start(cls, cfg: TrainConfig, batches_per_epoch: int) -> "RunState":

@@ -11,6 +11,7 @@ import torch
 
 from charrnn.config import check_finite, check_seed
 from charrnn.data import Vocab
+from charrnn.device import cpu_has_bf16  # one detection for training and sampling
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN
 from charrnn.stops import StopStrings, check_stops
@@ -75,14 +76,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # faster, 2x256 0.87x, 2x128 0.40x; 64 streams 1.3x (2x128) to 2.5x (2x1024).
 BF16_MIN_PARAMS = 2_000_000
 BF16_MIN_BATCH = 16
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX), per oneDNN."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def choose_precision(model: CharRNN, requested: str, num: int) -> str:

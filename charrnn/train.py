@@ -57,6 +57,7 @@ class Trainer:
         self.cfg, self.corpus, self.vocab, self.state = p.cfg, p.corpus, p.vocab, p.state
         self.train_data, self.val_data, self.folder, self.run_dir = p.train_data, p.val_data, p.folder, p.folder.path
         self.device, self.dist, self.model, self.optimizer, self.precision = p.device, p.dist, p.model, p.optimizer, p.precision
+        self.precision_choice = p.precision_choice  # its name and why (charrnn/precision.py)
         self.rows, self.carry, self.objective = p.rows, p.carry, p.objective  # objective: see charrnn/objective.py
         self.net, self.corpus_sha256 = p.net, p.corpus_sha256  # net: the model, or its DDP wrapper
         self.events = _receiver(callback)
@@ -77,9 +78,12 @@ class Trainer:
 
     @classmethod
     def resume(cls, run_dir: Path, callback: TrainEvents | None = None, threads: int | None = None,
-               device: str | None = None, allow_changed_corpus: bool = False) -> "Trainer":
-        """Continue a run from its newest readable checkpoint (see assemble.resumed_run)."""
-        return cls(resumed_run(run_dir, threads, device, allow_changed_corpus, _receiver(callback)), callback)
+               device: str | None = None, allow_changed_corpus: bool = False,
+               precision: str | None = None) -> "Trainer":
+        """Continue a run from its newest readable checkpoint (see assemble.resumed_run), in its own
+        precision unless `precision` switches it."""
+        return cls(resumed_run(run_dir, threads, device, allow_changed_corpus, _receiver(callback), precision),
+                   callback)
 
     # ------------------------------------------------------------ the loop
 
@@ -191,7 +195,7 @@ class Trainer:
         problem = judge(loss_v, norm_v, len(self.vocab), self.precision.skips_overflow)
         if problem is None:
             self.precision.step(self.optimizer)
-            self.carry = self.model.detach_state(carry)
+            self.carry = self.precision.carried(carry)  # detached, fp32
         return loss_v, norm_v, problem
 
     def _roll_back(self) -> None:
@@ -260,6 +264,7 @@ class Trainer:
             run_dir=self.run_dir, params=self.model.num_params(), config=self.cfg, train_chars=len(self.train_data),
             val_chars=len(self.val_data), vocab_size=len(self.vocab), total_steps=st.total_steps,
             time_budget_s=st.time_budget_s, device=str(self.device), resumed_from=st.step or None,
+            precision=self.precision_choice.name, precision_why=self.precision_choice.why,
         )
 
     def _report_step(self, session: Session, loss: float, norm: float) -> None:

@@ -83,7 +83,8 @@ class TrainDisplay(TrainEvents):
         length = f"{fmt_duration(e.time_budget_s)} budget" if e.time_budget_s else f"{e.total_steps} steps"
         info(f"{what} {c.cell} {c.layers}x{c.hidden} ({e.params / 1e6:.2f}M params) on "
              f"{e.train_chars:,} chars (val {e.val_chars:,}, vocab {e.vocab_size}), "
-             f"seq {c.seq_len} x batch {c.batch_size}, {length}, {e.device}", self.quiet)
+             f"seq {c.seq_len} x batch {c.batch_size}, {length}, {e.device}, {e.precision} ({e.precision_why})",
+             self.quiet)
         info(f"run folder: {e.run_dir}", self.quiet)
         if self.live:
             self.progress = self._bar()
@@ -308,7 +309,7 @@ def corpora_table(rows: list[dict]) -> None:
 
 
 BENCH_FORMAT = {
-    "train": "{shape} on {device}: raw loop {raw_chars_per_s:,.0f} chars/s, charrnn {charrnn_chars_per_s:,.0f} chars/s, "
+    "train": "{shape} on {device} in {precision}: raw loop {raw_chars_per_s:,.0f} chars/s, charrnn {charrnn_chars_per_s:,.0f} chars/s, "
              "ratio {ratio:.3f}; memory growth over the run {rss_growth_mb:+.1f} MB",
     "sample": "{model} ({weights_mb:.1f} MB of fp32 weights): raw fp32 LSTMCell loop {raw_chars_per_s:,.0f} chars/s; "
               "charrnn ({precision}) {charrnn_chars_per_s:,.0f} chars/s, ratio {ratio:.2f}; charrnn fp32 "
@@ -316,6 +317,7 @@ BENCH_FORMAT = {
               "{batched_chars_per_s:,.0f} chars/s ({batched_ratio:.1f}x one stream; fp32 {batched_fp32_ratio:.1f}x); "
               "first character after {first_char_s:.2f} s",
     "startup": "{command}: {seconds:.3f} s",
+    "precision": "{shape} on {device}: {bf16_txt}",
     "processes": "{setup}: {chars_per_s:,.0f} chars/s ({ratio:.2f}x one process with one thread), "
                  "val loss {val_loss:.4f}",
     "big": "{corpus_mb} MB corpus, {run}: exit {exit_code}, first steps done after {first_step_txt} s, "
@@ -329,7 +331,19 @@ def bench_row(section: str, row: dict) -> None:
     extra = {}
     if section == "big":
         extra["first_step_txt"] = "-" if row.get("first_step_s") is None else f"{row['first_step_s']:.1f}"
+    if section == "precision":
+        extra["bf16_txt"] = _bf16_text(row)
     info(f"[{section}] " + BENCH_FORMAT[section].format(**row, **extra))
+
+
+def _bf16_text(row: dict) -> str:
+    """A bench "precision" row: bf16 over fp32 for charrnn and the raw loop, or why charrnn refused bf16."""
+    raw = (f"raw loop bf16 {row['raw_bf16_chars_per_s']:,.0f} vs fp32 {row['raw_fp32_chars_per_s']:,.0f} chars/s, "
+           f"{row['raw_speedup']:.2f}x" if row["raw_error"] is None else f"raw loop bf16 fails: {row['raw_error']}")
+    if row["refused"] is not None:
+        return f"charrnn refuses bf16 here ({row['refused']}); {raw}"
+    return (f"charrnn bf16 {row['charrnn_bf16_chars_per_s']:,.0f} vs fp32 {row['charrnn_fp32_chars_per_s']:,.0f} "
+            f"chars/s, {row['speedup']:.2f}x; {raw}")
 
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -11,7 +11,7 @@ def test_bench_quick_reports_measured_ratios():
     assert r.exit_code == 0, r.stderr
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     train = [row for row in rows if row["section"] == "train"]
-    assert [row["shape"].split()[0] for row in train] == ["lstm", "gru"]
+    assert [row["shape"].split()[0] for row in train if row["precision"] == "fp32"] == ["lstm", "gru"]
     for row in train:
         assert row["raw_chars_per_s"] > 0 and row["charrnn_chars_per_s"] > 0
         assert abs(row["ratio"] - row["charrnn_chars_per_s"] / row["raw_chars_per_s"]) < 1e-9
@@ -25,6 +25,33 @@ def test_bench_quick_reports_measured_ratios():
     (startup,) = [row for row in rows if row["section"] == "startup"]
     assert startup["seconds"] > 0
     assert "ratio" in r.stderr  # the human-readable lines
+
+
+def test_bench_train_compares_bf16_with_fp32_or_says_why_not():
+    """--train-precision fp32,bf16: a row per precision against a raw loop in the same precision, then
+    bf16's speed-up; on a CPU without native bf16, charrnn's refusal and what the raw loop did in bf16."""
+    from charrnn.device import cpu_has_bf16
+
+    r = run_cli("bench", "--sections", "train", "--steps", "2", "--rounds", "1", "--shapes", "lstm1x32",
+                "--train-precision", "fp32,bf16", "--json")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    train = [row for row in rows if row["section"] == "train"]
+    assert [row["precision"] for row in train] == (["fp32", "bf16"] if cpu_has_bf16() else ["fp32"])
+    (row,) = [row for row in rows if row["section"] == "precision"]
+    assert row["charrnn_fp32_chars_per_s"] == train[0]["charrnn_chars_per_s"]
+    if cpu_has_bf16():
+        assert row["refused"] is None
+        assert abs(row["speedup"] - row["charrnn_bf16_chars_per_s"] / row["charrnn_fp32_chars_per_s"]) < 1e-9
+    else:
+        assert "no native bf16" in row["refused"] and row["charrnn_bf16_chars_per_s"] is None
+    if row["raw_error"] is None:
+        assert abs(row["raw_speedup"] - row["raw_bf16_chars_per_s"] / row["raw_fp32_chars_per_s"]) < 1e-9
+    else:  # the fused LSTM's bf16 kernel where the CPU lacks bf16
+        assert not cpu_has_bf16() and "primitive" in row["raw_error"]
+    assert "[precision]" in r.stderr
+    r = run_cli("bench", "--sections", "train", "--train-precision", "fp8")
+    assert r.exit_code == 2 and "--train-precision" in r.stderr
 
 
 def test_bench_big_corpus_second_run_uses_cache(tmp_path):

@@ -18,11 +18,12 @@ import time
 import pytest
 import torch
 
-import charrnn.device as device_mod
+import charrnn.assemble as assemble_mod
 from charrnn import checkpoint as ckm
 from charrnn import ui
 from charrnn.config import BASE_LR, TrainConfig
 from charrnn.errors import TrainingDiverged
+from charrnn.precision import Choice
 from charrnn.events import TrainEvents
 from charrnn.recovery import TEST_NAN_ENV
 from charrnn.spike import LIMITS, SpikeDetector
@@ -101,9 +102,11 @@ def test_init_from_takes_learning_rate_and_dropout_from_the_checkpoints_width(co
 
 
 def test_the_fp16_loss_scale_is_saved_and_resumed(corpus, tmp_path, monkeypatch):
-    """fp16 autocast, and so the GradScaler, happens on CUDA GPUs without bf16; here the device's choice is
+    """fp16 autocast, and so the GradScaler, happens on CUDA GPUs without bf16; here the run's choice is
     made fp16 on the CPU (torch has CPU autocast and a CPU GradScaler), so the same code paths run."""
-    monkeypatch.setattr(device_mod, "autocast_dtype", lambda device: torch.float16)
+    fp16 = Choice("fp16", "as on a CUDA GPU without bf16")
+    monkeypatch.setattr(assemble_mod, "choose", lambda *args: fp16)
+    monkeypatch.setattr(assemble_mod, "for_resume", lambda recorded, *args: fp16)
     run = tmp_path / "run"
     # a cell written out in PyTorch ops: oneDNN's fused CPU LSTM has no fp16 kernel
     trainer = Trainer.new([corpus], TrainConfig(**SMALL, cell="peephole", steps=8, eval_every=4), run_dir=run)
