@@ -34,11 +34,12 @@ def sample(
     precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = bf16 on a CPU with native bf16 for models of 2M+ parameters or 16+ streams, else fp32.")] = Precision.auto,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
-    from charrnn import ui
+    # Only what the first character needs is imported (not the trainer, not Rich unless there is
+    # something to warn about): it comes that much sooner (docs/speed.md, "First character").
     from charrnn.config import check_finite
     from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, stream_chars, validate
     from charrnn.checkpoint import load_model
-    from charrnn.train import pick_device
+    from charrnn.device import pick_device
 
     check_finite(value=value)
     if guidance is None:
@@ -46,14 +47,16 @@ def sample(
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
                        precision=precision.value, guidance=guidance)
     validate(cfg)
-    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir, on_warn=ui.warn)
-    from charrnn.neuron.steer import steering_hook
+    model, vocab, ck = load_model(checkpoint, pick_device(device.value), home=dir, on_warn=_warn)
+    hook = None
+    if sentiment is not None or neuron is not None or value is not None or state is not None or guidance > 0:
+        from charrnn.neuron.steer import steering_hook
 
-    hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
-                            state.value if state else None, guided_rows=num if guidance > 0 else 0)
+        hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
+                                state.value if state else None, guided_rows=num if guidance > 0 else 0)
     kept, unknown = clean_prime(prime, vocab)
     if unknown:
-        ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
+        _warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
     cfg.prime = kept
     stream = num == 1 and not jsonl
     if stream:
@@ -73,3 +76,9 @@ def sample(
         else:
             sys.stdout.write(("\n" if i else "") + t + "\n")
     sys.stdout.flush()
+
+
+def _warn(message: str) -> None:
+    from charrnn import ui  # Rich costs a tenth of a second to import: only when there is a warning
+
+    ui.warn(message)
