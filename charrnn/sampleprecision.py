@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import platform
 import time
 from pathlib import Path
@@ -80,16 +79,16 @@ def cached_choice(key: str, path: Path | None = None) -> str | None:
 
 def remember(key: str, entry: dict, path: Path | None = None) -> None:
     """Add one choice to the cache file, atomically (temp file, rename); a cache that cannot be written is skipped."""
+    from charrnn.atomicfile import atomic_write_text
+
     path = path or cache_file()
-    choices = _read(path)
+    choices = _read(path)  # a damaged file reads as empty, so this replaces it with a good one
     choices[key] = entry
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"version": CACHE_VERSION, "choices": choices}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "choices": choices}, indent=1, sort_keys=True))
     except OSError:
-        tmp.unlink(missing_ok=True)  # read-only or full: auto measures again next time, nothing worse
+        pass  # read-only or full: auto measures again next time, nothing worse
 
 
 @torch.no_grad()

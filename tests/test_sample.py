@@ -162,3 +162,24 @@ def test_bf16_sampling_is_seeded_and_leaves_the_model_fp32():
     g32 = generate(m, v, SampleConfig(temperature=0, length=12, prime="ab", precision="fp32"))
     g16 = generate(m, v, SampleConfig(temperature=0, length=12, prime="ab", precision="bf16"))
     assert g32[0][:6] == g16[0][:6]
+
+
+def test_sample_command_imports_neither_rich_nor_the_trainer(tmp_path):
+    """What runs before the first character is what it needs: Rich (a tenth of a second) only for a
+    warning or an error, the trainer and the neuron tools not at all (docs/speed.md, "First character")."""
+    import subprocess
+    import sys
+
+    from charrnn import checkpoint as ckm
+
+    m, v = _model()
+    path = tmp_path / ckm.ckpt_name(0)
+    ckm.save(path, {"model_config": m.config.to_dict(), "vocab": v.chars, "model": m.state_dict(),
+                    "train": {"step": 0, "state": {}, "config": {}, "corpus": []}, "val_loss": None})
+    probe = ("import sys; from charrnn.cli import app; app(['sample', sys.argv[1], '--length', '5', '--seed', '1'], "
+             "standalone_mode=False); print(sorted(n for n in ('rich', 'charrnn.ui', 'charrnn.train', 'charrnn.neuron') "
+             "if n in sys.modules), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == 1 + 5 + 1  # the default prime, 5 characters, the newline
+    assert r.stderr.strip() == "[]"
