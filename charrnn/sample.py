@@ -12,6 +12,7 @@ from charrnn.config import check_finite, check_seed
 from charrnn.data import Vocab
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN
+from charrnn.sampleprecision import cpu_has_bf16  # noqa: F401 (re-exported: where it always was)
 
 
 # `sample --sentiment`'s guidance unless --guidance is given (0 = plain fixing). On the README recipe's
