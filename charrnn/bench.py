@@ -6,6 +6,7 @@ Results are reported through `callback(section, row)`; nothing is printed in thi
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import statistics
@@ -216,18 +217,18 @@ def _bf16_row(report: Report, s: Shape, device: str, raw: dict, ours: dict, refu
 
 
 @torch.no_grad()
-def raw_sample_cps(model: CharRNN, length: int, temperature: float = 0.8) -> float:
-    """A plain loop of stacked nn.LSTMCell steps, softmax and multinomial, one stream."""
+def raw_sample_cps(model: CharRNN, length: int, temperature: float = 0.8, dtype: torch.dtype = torch.float32) -> float:
+    """A plain loop of stacked nn.LSTMCell steps, softmax and multinomial, one stream, weights in `dtype`."""
     c = model.config
     cells = []
     for layer in range(c.layers):
         cell = nn.LSTMCell(c.embed_dim if layer == 0 else c.hidden, c.hidden)
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(cell, name).copy_(getattr(model.rnn, f"{name}_l{layer}"))
-        cells.append(cell)
-    emb, head = model.embedding, model.head
+        cells.append(cell.to(dtype))
+    emb, head = copy.deepcopy(model.embedding).to(dtype), copy.deepcopy(model.head).to(dtype)
     g = torch.Generator().manual_seed(0)
-    hs = [(torch.zeros(1, c.hidden), torch.zeros(1, c.hidden)) for _ in cells]
+    hs = [(torch.zeros(1, c.hidden, dtype=dtype), torch.zeros(1, c.hidden, dtype=dtype)) for _ in cells]
     x = torch.zeros(1, dtype=torch.long)
     t0 = time.perf_counter()
     out = []
@@ -236,7 +237,7 @@ def raw_sample_cps(model: CharRNN, length: int, temperature: float = 0.8) -> flo
         for i, cell in enumerate(cells):
             hs[i] = cell(inp, hs[i])
             inp = hs[i][0]
-        probs = torch.softmax(head(inp) / temperature, dim=-1)
+        probs = torch.softmax(head(inp).float() / temperature, dim=-1)
         x = torch.multinomial(probs, 1, generator=g).view(1)
         out.append(x.item())
     return length / (time.perf_counter() - t0)
@@ -263,19 +264,30 @@ def first_char_latency(checkpoint: Path) -> float:
 
 
 def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: int) -> dict:
+    """One stream of charrnn (auto precision, then fp32) against raw fp32 and raw bf16 LSTMCell loops, alternated;
+    --num streams against one; the first character of `charrnn sample` on a saved checkpoint."""
     from charrnn import checkpoint as ckm
 
     torch.manual_seed(0)
     vocab = Vocab.from_text_chars(synthetic_text(5000))
     model = CharRNN(ModelConfig(vocab_size=len(vocab), cell="lstm", layers=layers, hidden=hidden)).eval()
-    raws, ones, fp32s = [], [], []
+    precision, batched_precision = choose_precision(model, "auto", 1), choose_precision(model, "auto", num)  # measured once, cached
+    raws, raws16, ones, fp32s = [], [], [], []
     for _ in range(5):  # alternated, so a slow spell of the machine hits every side alike
         raws.append(raw_sample_cps(model, length))
+        raws16.append(raw_sample_cps(model, length, dtype=torch.bfloat16))
         ones.append(charrnn_sample_cps(model, vocab, length))
         fp32s.append(charrnn_sample_cps(model, vocab, length, precision="fp32"))
-    raw, one, fp32 = statistics.median(raws), statistics.median(ones), statistics.median(fp32s)
-    many = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num)
-    many_fp32 = charrnn_sample_cps(model, vocab, max(length // 4, 50), num=num, precision="fp32")
+    raw, raw16 = statistics.median(raws), statistics.median(raws16)
+    one, fp32 = statistics.median(ones), statistics.median(fp32s)
+    best_raw = max(raw, raw16)
+    short = max(length // 4, 50)
+    many, many_fp32, one_short = [], [], []
+    for _ in range(3):  # --num N against one stream, both in the same stretch of time
+        many.append(charrnn_sample_cps(model, vocab, short, num=num))
+        one_short.append(charrnn_sample_cps(model, vocab, short))
+        many_fp32.append(charrnn_sample_cps(model, vocab, short, num=num, precision="fp32"))
+    many, many_fp32, one_short = statistics.median(many), statistics.median(many_fp32), statistics.median(one_short)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / ckm.ckpt_name(0)
         ckm.save(path, {"model_config": model.config.to_dict(), "vocab": vocab.chars,
@@ -284,11 +296,12 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
         latency = statistics.median(first_char_latency(path) for _ in range(3))
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     row = {"model": f"lstm {layers}x{hidden}", "weights_mb": weights_mb, "raw_chars_per_s": raw,
-           "precision": choose_precision(model, "auto", 1), "charrnn_chars_per_s": one, "ratio": one / raw,
+           "raw_bf16_chars_per_s": raw16, "best_raw": "bf16" if raw16 > raw else "fp32",
+           "precision": precision, "charrnn_chars_per_s": one, "ratio": one / best_raw,
            "fp32_chars_per_s": fp32, "fp32_ratio": fp32 / raw, "num": num,
-           "batched_precision": choose_precision(model, "auto", num), "batched_chars_per_s": many,
-           "batched_ratio": many / one, "batched_fp32_chars_per_s": many_fp32, "batched_fp32_ratio": many_fp32 / fp32,
-           "first_char_s": latency}
+           "batched_precision": batched_precision, "batched_chars_per_s": many, "one_stream_chars_per_s": one_short,
+           "batched_ratio": many / one_short, "batched_fp32_chars_per_s": many_fp32, "batched_fp32_ratio": many_fp32 / fp32,
+           "first_char_s": latency, "load_average": os.getloadavg()[0]}
     report("sample", row)
     return row
 

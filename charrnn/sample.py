@@ -11,7 +11,7 @@ import torch
 
 from charrnn.config import check_finite, check_seed
 from charrnn.data import Vocab
-from charrnn.device import cpu_has_bf16  # one detection for training and sampling
+from charrnn.device import cpu_has_bf16  # noqa: F401 (one detection for training and sampling; re-exported)
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.model import CharRNN
 from charrnn.stops import StopStrings, check_stops
@@ -70,22 +70,16 @@ def validate(cfg: SampleConfig) -> None:
 # ---------------------------------------------------------------- precision
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# auto picks bf16 on a CPU with native bf16 matrix instructions once a step reads enough weights or
-# runs enough streams for memory traffic to dominate; below that, converting costs more than it saves.
-# Measured on a 2-core EPYC with avx512_bf16 (README "Speed"): one stream of a 2x512 LSTM 3.2x
-# faster, 2x256 0.87x, 2x128 0.40x; 64 streams 1.3x (2x128) to 2.5x (2x1024).
-BF16_MIN_PARAMS = 2_000_000
-BF16_MIN_BATCH = 16
 
 
 def choose_precision(model: CharRNN, requested: str, num: int) -> str:
-    """'fp32' or 'bf16' for sampling `num` streams from `model` where it lives."""
+    """'fp32' or 'bf16' for sampling `num` streams from `model` where it lives; auto measures both on a
+    CPU with native bf16, once per machine and shape (charrnn/sampleprecision.py), and is fp32 elsewhere."""
     if requested != "auto":
         return requested
-    if model.head.weight.device.type != "cpu" or not cpu_has_bf16():
-        return "fp32"
-    big = sum(p.numel() for p in model.parameters()) >= BF16_MIN_PARAMS
-    return "bf16" if big or num >= BF16_MIN_BATCH else "fp32"
+    from charrnn.sampleprecision import auto_precision
+
+    return auto_precision(model, num)
 
 
 def with_precision(model: CharRNN, precision: str) -> CharRNN:

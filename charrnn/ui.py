@@ -311,11 +311,12 @@ def corpora_table(rows: list[dict]) -> None:
 BENCH_FORMAT = {
     "train": "{shape} on {device} in {precision}: raw loop {raw_chars_per_s:,.0f} chars/s, charrnn {charrnn_chars_per_s:,.0f} chars/s, "
              "ratio {ratio:.3f}; memory growth over the run {rss_growth_mb:+.1f} MB",
-    "sample": "{model} ({weights_mb:.1f} MB of fp32 weights): raw fp32 LSTMCell loop {raw_chars_per_s:,.0f} chars/s; "
-              "charrnn ({precision}) {charrnn_chars_per_s:,.0f} chars/s, ratio {ratio:.2f}; charrnn fp32 "
-              "{fp32_chars_per_s:,.0f}, ratio {fp32_ratio:.2f}; --num {num} ({batched_precision}): "
-              "{batched_chars_per_s:,.0f} chars/s ({batched_ratio:.1f}x one stream; fp32 {batched_fp32_ratio:.1f}x); "
-              "first character after {first_char_s:.2f} s",
+    "sample": "{model} ({weights_mb:.1f} MB of fp32 weights): raw LSTMCell loop fp32 {raw_chars_per_s:,.0f} chars/s, "
+              "bf16 {raw_bf16_chars_per_s:,.0f}; charrnn ({precision}) {charrnn_chars_per_s:,.0f} chars/s, ratio "
+              "{ratio:.2f} to the faster raw ({best_raw}); charrnn fp32 {fp32_chars_per_s:,.0f}, ratio {fp32_ratio:.2f} "
+              "to raw fp32; --num {num} ({batched_precision}): {batched_chars_per_s:,.0f} chars/s ({batched_ratio:.1f}x "
+              "one stream; fp32 {batched_fp32_ratio:.1f}x); first character after {first_char_s:.2f} s; "
+              "load average {load_average:.1f}",
     "startup": "{command}: {seconds:.3f} s",
     "precision": "{shape} on {device}: {bf16_txt}",
     "processes": "{setup}: {chars_per_s:,.0f} chars/s ({ratio:.2f}x one process with one thread), "

@@ -16,8 +16,9 @@ def test_bench_quick_reports_measured_ratios():
         assert row["raw_chars_per_s"] > 0 and row["charrnn_chars_per_s"] > 0
         assert abs(row["ratio"] - row["charrnn_chars_per_s"] / row["raw_chars_per_s"]) < 1e-9
     (sample,) = [row for row in rows if row["section"] == "sample"]
-    assert abs(sample["ratio"] - sample["charrnn_chars_per_s"] / sample["raw_chars_per_s"]) < 1e-9
-    assert abs(sample["batched_ratio"] - sample["batched_chars_per_s"] / sample["charrnn_chars_per_s"]) < 1e-9
+    best_raw = max(sample["raw_chars_per_s"], sample["raw_bf16_chars_per_s"])  # one stream against the faster raw loop
+    assert abs(sample["ratio"] - sample["charrnn_chars_per_s"] / best_raw) < 1e-9
+    assert abs(sample["batched_ratio"] - sample["batched_chars_per_s"] / sample["one_stream_chars_per_s"]) < 1e-9
     assert abs(sample["fp32_ratio"] - sample["fp32_chars_per_s"] / sample["raw_chars_per_s"]) < 1e-9
     assert abs(sample["batched_fp32_ratio"] - sample["batched_fp32_chars_per_s"] / sample["fp32_chars_per_s"]) < 1e-9
     assert sample["precision"] in ("fp32", "bf16") and sample["batched_precision"] in ("fp32", "bf16")

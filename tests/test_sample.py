@@ -9,8 +9,9 @@ import torch
 from charrnn.data import Vocab
 from charrnn.errors import UsageError
 from charrnn.model import CharRNN, ModelConfig
-from charrnn.sample import (BF16_MIN_BATCH, BF16_MIN_PARAMS, SampleConfig, choose_precision, clean_prime, cpu_has_bf16,
-                            generate, pick, top_k_filter, top_p_filter)
+from charrnn.sample import SampleConfig, choose_precision, clean_prime, generate, pick, top_k_filter, top_p_filter
+from charrnn.device import cpu_has_bf16
+from charrnn.sampleprecision import auto_precision, cache_file, cache_key, cached_choice
 from charrnn.stops import StopStrings
 
 
@@ -90,15 +91,68 @@ def test_invalid_settings_raise(cfg):
         generate(m, v, cfg)
 
 
-def test_auto_precision_follows_model_size_streams_and_cpu():
+class Measurements:
+    """Counts the times auto_precision had to time fp32 against bf16 (its on_measure callback)."""
+
+    def __init__(self):
+        self.keys: list[str] = []
+
+    def __call__(self, key: str, result: dict) -> None:
+        assert result["fp32_s_per_step"] > 0 and result["bf16_s_per_step"] > 0
+        self.keys.append(key)
+
+
+def test_auto_precision_without_native_bf16_is_fp32_without_measuring():
     m, _ = _model()
     assert choose_precision(m, "fp32", 64) == "fp32" and choose_precision(m, "bf16", 1) == "bf16"
-    native = "bf16" if cpu_has_bf16() else "fp32"
-    assert choose_precision(m, "auto", 1) == "fp32"  # small model, one stream: conversion costs more
-    assert choose_precision(m, "auto", BF16_MIN_BATCH) == native
-    big = CharRNN(ModelConfig(vocab_size=10, hidden=512, layers=2))
-    assert sum(p.numel() for p in big.parameters()) >= BF16_MIN_PARAMS
-    assert choose_precision(big, "auto", 1) == native
+    seen = Measurements()
+    assert auto_precision(m, 64, native_bf16=False, on_measure=seen) == "fp32"
+    assert seen.keys == [] and not cache_file().exists()  # nothing timed, nothing written
+    if not cpu_has_bf16():  # this machine (AVX2 only): the default detection takes the same path
+        assert choose_precision(m, "auto", 64) == "fp32" and not cache_file().exists()
+
+
+def test_auto_precision_is_measured_once_per_shape_then_read_from_the_cache():
+    m, _ = _model()
+    seen = Measurements()
+    first = auto_precision(m, 4, native_bf16=True, on_measure=seen)
+    assert first in ("fp32", "bf16") and seen.keys == [cache_key(m, 4)]
+    assert cached_choice(cache_key(m, 4)) == first  # written to the cache file
+    assert auto_precision(m, 4, native_bf16=True, on_measure=seen) == first
+    assert len(seen.keys) == 1  # the second call measured nothing
+    auto_precision(m, 8, native_bf16=True, on_measure=seen)  # another batch size is another shape
+    assert seen.keys == [cache_key(m, 4), cache_key(m, 8)]
+    assert {cached_choice(cache_key(m, 4)), cached_choice(cache_key(m, 8))} <= {"fp32", "bf16"}
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"", b"[1, 2]", b'{"version": 1, "choices": []}', b"\xff\xfe\x00"])
+def test_a_damaged_precision_cache_is_ignored_and_rewritten(damage):
+    m, _ = _model()
+    cache_file().parent.mkdir(parents=True)
+    cache_file().write_bytes(damage)
+    seen = Measurements()
+    choice = auto_precision(m, 2, native_bf16=True, on_measure=seen)  # no error: measured as if there were no cache
+    assert len(seen.keys) == 1 and cached_choice(cache_key(m, 2)) == choice
+    assert auto_precision(m, 2, native_bf16=True, on_measure=seen) == choice and len(seen.keys) == 1
+
+
+def test_auto_sampling_gives_the_same_text_whatever_the_cache_holds():
+    m, v = _model()
+    cfg = dict(length=50, seed=11, prime="ab", num=2)
+
+    def auto_text():
+        return generate(m, v, SampleConfig(precision="auto", **cfg))
+
+    def text_of_cached_choice():  # what auto samples with: the cached choice, or fp32 where nothing is cached
+        return generate(m, v, SampleConfig(precision=cached_choice(cache_key(m, 2)) or "fp32", **cfg))
+
+    empty = auto_text()  # the first call may measure: that must not touch the seeded draws
+    assert empty == auto_text() == text_of_cached_choice()
+    cache_file().parent.mkdir(parents=True, exist_ok=True)
+    cache_file().write_text("{damaged")
+    assert auto_text() == text_of_cached_choice()
+    if not cpu_has_bf16():  # auto is fp32 here, so every cache state gives the fp32 text
+        assert empty == generate(m, v, SampleConfig(precision="fp32", **cfg))
 
 
 def test_bf16_sampling_is_seeded_and_leaves_the_model_fp32():
@@ -257,3 +311,24 @@ def test_sample_bad_input_is_one_line_exit_2(tiny_run, tmp_path, args, fragment)
     r = _sample(tiny_run, *[str(tmp_path / a) if a == "PRIME" else a for a in args])
     assert r.exit_code == 2 and fragment in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_sample_command_imports_neither_rich_nor_the_trainer(tmp_path):
+    """What runs before the first character is what it needs: Rich (a tenth of a second) only for a
+    warning or an error, the trainer and the neuron tools not at all (docs/speed.md, "First character")."""
+    import subprocess
+    import sys
+
+    from charrnn import checkpoint as ckm
+
+    m, v = _model()
+    path = tmp_path / ckm.ckpt_name(0)
+    ckm.save(path, {"model_config": m.config.to_dict(), "vocab": v.chars, "model": m.state_dict(),
+                    "train": {"step": 0, "state": {}, "config": {}, "corpus": []}, "val_loss": None})
+    probe = ("import sys; from charrnn.cli import app; app(['sample', sys.argv[1], '--length', '5', '--seed', '1'], "
+             "standalone_mode=False); print(sorted(n for n in ('rich', 'charrnn.ui', 'charrnn.train', 'charrnn.neuron') "
+             "if n in sys.modules), file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) == 1 + 5 + 1  # the default prime, 5 characters, the newline
+    assert r.stderr.strip() == "[]"

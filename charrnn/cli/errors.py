@@ -16,22 +16,26 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from charrnn import ui
-
         try:
             return fn(*args, **kwargs)
         except CharRNNError as e:
+            from charrnn import ui  # imported here, not above: Rich is a tenth of a second `sample` need not wait for
+
             ui.error(str(e))
             raise typer.Exit(e.exit_code)
         except BrokenPipeError:
             sys.stderr.close()  # the reader went away (e.g. `| head`): stop quietly
             raise typer.Exit(0)
         except KeyboardInterrupt:
+            from charrnn import ui
+
             ui.error("interrupted")
             raise typer.Exit(130)
         except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
             if not out_of_memory(e):
                 raise
+            from charrnn import ui
+
             ui.error(f"out of memory{_asked(e)}; {OOM_HINTS.get(fn.__name__, OOM_HINT)}")
             raise typer.Exit(1)
 

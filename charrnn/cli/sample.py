@@ -35,10 +35,11 @@ def sample(
     value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
     state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from log p_own + G * (log p_own - log p_opposite) among the characters the own stream finds plausible; 0 = plain fixing \\[default: 0.25 with --sentiment, else 0].", show_default=False)] = None,
-    precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = bf16 on a CPU with native bf16 for models of 2M+ parameters or 16+ streams, else fp32.")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = on a CPU with native bf16, the faster of fp32 and bf16, timed on this model and batch once and cached per machine; elsewhere fp32.")] = Precision.auto,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
-    from charrnn import ui
+    # Only what the first character needs is imported (not the trainer, not Rich unless there is
+    # something to warn about): it comes that much sooner (docs/speed.md, "First character").
     from charrnn.config import check_finite
     from charrnn.api import load
     from charrnn.data import Vocab
@@ -52,15 +53,17 @@ def sample(
                        precision=precision.value, guidance=guidance, stop=tuple(unescape(s) for s in stop or ()),
                        stop_keep=stop_keep)
     validate(cfg)
-    m = load(checkpoint, device.value, home=dir, on_warn=ui.warn)
+    m = load(checkpoint, device.value, home=dir, on_warn=_warn)
     model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
-    from charrnn.neuron.steer import steering_hook
+    hook = None
+    if sentiment is not None or neuron is not None or value is not None or state is not None or guidance > 0:
+        from charrnn.neuron.steer import steering_hook
 
-    hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
-                            state.value if state else None, guided_rows=num if guidance > 0 else 0)
+        hook, _ = steering_hook(model, ck, sentiment.value if sentiment else None, neuron, value,
+                                state.value if state else None, guided_rows=num if guidance > 0 else 0)
     kept, unknown = clean_prime(prime, vocab)
     if unknown:
-        ui.warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
+        _warn(f"the prime has characters this model never saw, skipped: {unknown!r}")
     cfg.prime = kept
     echo = "" if no_prime_echo else kept
     stream = num == 1 and not jsonl
@@ -108,3 +111,9 @@ def unescape(text: str) -> str:
     import re
 
     return re.sub(r"\\(.)", lambda m: ESCAPES.get(m.group(1), m.group(0)), text)
+
+
+def _warn(message: str) -> None:
+    from charrnn import ui  # Rich costs a tenth of a second to import: only when there is a warning
+
+    ui.warn(message)

@@ -1,0 +1,132 @@
+"""Sampling's `--precision auto`: fp32 and bf16 timed on the model itself, the faster kept, cached per machine.
+
+Which precision samples faster depends on the CPU as much as on the model: a 2x512 LSTM (17 MB of fp32
+weights) sampled 2.97x faster in bf16 on one AVX512-BF16 machine and 0.92x on another whose 32 MB L3
+cache holds the fp32 weights. So auto times a few steps of each, on the actual model and batch, and
+remembers the winner in `cache_dir()/precision/sample.json`, keyed by the machine and the model's
+shape: the next call pays nothing. Only CPUs with native bf16 are asked; elsewhere bf16 is emulated
+(several times slower) and auto is fp32 without trying.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from charrnn.device import cpu_has_bf16
+
+CACHE_VERSION = 1
+WARMUP_STEPS = 2  # the first calls allocate and pick kernels: not what sampling costs afterwards
+TIMED_STEPS = 6  # per round; a step of a 2x512 LSTM is well under a millisecond
+ROUNDS = 3  # fp32, bf16, fp32, bf16 ...: a slow spell of a shared machine hits both sides
+
+Measured = Callable[[str, dict], None]  # (cache key, what was measured): told when auto had to measure
+
+
+def cache_file() -> Path:
+    from charrnn.cache import cache_dir
+
+    # a folder of its own: the corpus cache's listing and clearing treat every top-level *.json as an entry
+    return cache_dir() / "precision" / "sample.json"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(model, rows: int) -> str:
+    """The machine (CPU, torch, threads) and the shape sampled (cell, sizes, streams): what the speeds depend on."""
+    c = model.config
+    return (f"{c.cell} {c.layers}x{c.hidden} embed {c.embed_dim} vocab {c.vocab_size} rows {rows} | "
+            f"{_cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+
+
+def _read(path: Path) -> dict:
+    """The cached choices; an absent, unreadable or damaged file is an empty cache (it is rewritten)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("choices"), dict):
+        return {}
+    return data["choices"]
+
+
+def cached_choice(key: str, path: Path | None = None) -> str | None:
+    entry = _read(path or cache_file()).get(key)
+    choice = entry.get("precision") if isinstance(entry, dict) else None
+    return choice if choice in ("fp32", "bf16") else None
+
+
+def remember(key: str, entry: dict, path: Path | None = None) -> None:
+    """Add one choice to the cache file, atomically (temp file, rename); a cache that cannot be written is skipped."""
+    from charrnn.atomicfile import atomic_write_text
+
+    path = path or cache_file()
+    choices = _read(path)  # a damaged file reads as empty, so this replaces it with a good one
+    choices[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "choices": choices}, indent=1, sort_keys=True))
+    except OSError:
+        pass  # read-only or full: auto measures again next time, nothing worse
+
+
+@torch.no_grad()
+def _seconds_per_step(model, rows: int, steps: int) -> float:
+    device = model.head.weight.device
+    state = model.init_state(rows, device)
+    idx = torch.zeros(rows, dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits, state = model.step(idx, state)
+        logits.float()  # what the sampler does with them, so bf16 pays its conversion too
+    return (time.perf_counter() - t0) / steps
+
+
+def measure(model, rows: int) -> dict:
+    """Seconds per step of `model` (fp32, eval mode) and of a bf16 copy, `rows` streams, alternated; best of ROUNDS."""
+    models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    for m in models.values():
+        _seconds_per_step(m, rows, WARMUP_STEPS)
+    best = {name: float("inf") for name in models}
+    for _ in range(ROUNDS):
+        for name, m in models.items():
+            best[name] = min(best[name], _seconds_per_step(m, rows, TIMED_STEPS))
+    return {"fp32_s_per_step": best["fp32"], "bf16_s_per_step": best["bf16"],
+            "precision": "bf16" if best["bf16"] < best["fp32"] else "fp32", "measured_at": time.time()}
+
+
+def auto_precision(model, rows: int, native_bf16: bool | None = None, on_measure: Measured | None = None) -> str:
+    """'fp32' or 'bf16' for sampling `rows` streams from `model` (fp32, eval mode) where it lives.
+
+    fp32 on GPUs and on CPUs without native bf16 (`native_bf16` None: this CPU, per cpu_has_bf16).
+    Otherwise the cached choice for this machine and shape, or, the first time, the faster of the two
+    measured (`on_measure(key, result)` is told) and cached.
+    """
+    if model.head.weight.device.type != "cpu":
+        return "fp32"
+    if not (cpu_has_bf16() if native_bf16 is None else native_bf16):
+        return "fp32"
+    key = cache_key(model, rows)
+    choice = cached_choice(key)
+    if choice is not None:
+        return choice
+    result = measure(model, rows)
+    if on_measure is not None:
+        on_measure(key, result)
+    remember(key, result)
+    return result["precision"]
