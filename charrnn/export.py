@@ -108,6 +108,7 @@ def export(ck: dict, source: Path, out: Path, force: bool = False) -> Exported:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp's folder is private (0700); an export is shared like any folder
     except OSError as e:
         raise CheckpointError(f"cannot create {out}: {e.strerror or e}") from None
     try:
@@ -206,3 +207,10 @@ def load_export(folder: Path, device: str | torch.device = "cpu") -> dict:
         ck["sentiment"] = rec
     check_payload(ck, folder)
     return ck
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -5,6 +5,7 @@ would overwrite something."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -82,6 +83,10 @@ def test_export_holds_the_model_alone_in_standard_files(run, tmp_path):
     assert f"against {ck_size(full)} for the full checkpoint" in r.stderr and ck_size(total) in r.stderr
     assert total < full / 2
     assert leftovers(tmp_path) == []
+    # a folder like any other the user makes (mkdtemp's would be private, 0700)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask
 
 
 def ck_size(n: int) -> str:
