@@ -1,0 +1,47 @@
+"""`charrnn serve`: serve runs over HTTP (the API, the OpenAI-style completions endpoint, the page); docs/serve.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from charrnn.cli.errors import handle_errors
+from charrnn.cli.options import HOME, Device, RunDevice
+from charrnn.errors import DataError
+
+NEEDS = "charrnn serve needs FastAPI and uvicorn: pip install \"charrnn[serve]\""
+
+
+@handle_errors
+def serve(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run folders (or exported folders, or checkpoint files) to serve, each named by its folder \\[default: every run under --dir].", show_default=False)] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port to listen on (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 serves other machines too.")] = "127.0.0.1",
+    max_length: Annotated[int, typer.Option(min=1, help="Most characters one sample may generate.")] = 2000,
+    max_num: Annotated[int, typer.Option(min=1, help="Most samples one request may ask for.")] = 8,
+    max_prime: Annotated[int, typer.Option(min=1, help="Most characters of prime, or of text to trace or score.")] = 4000,
+    max_streams: Annotated[int, typer.Option(min=1, help="Most samples generated at once, over all requests (more: HTTP 429).")] = 64,
+    device: RunDevice = Device.cpu,
+    dir: Annotated[Path, typer.Option("--dir", help="Where runs live, when none is named.")] = HOME,
+):
+    """Serve models over HTTP: a JSON API, OpenAI-style /v1/completions, and a page at / to write, steer
+    and see the sentiment unit. Generation requests for one model share one batched step loop."""
+    try:
+        import uvicorn
+
+        from charrnn.serve.app import Limits, create_app
+    except ImportError:
+        raise DataError(NEEDS) from None
+    from charrnn import ui
+    from charrnn.serve.models import find_runs, load_models
+
+    models = load_models(find_runs(runs or [], dir), device.value, on_warn=ui.warn)
+    app = create_app(models, Limits(max_length=max_length, max_num=max_num, max_prime=max_prime,
+                                    max_streams=max_streams))
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    show = f"[{host}]" if ":" in host else host
+    ui.info(f"serving {', '.join(models)} at http://{show}:{port}/ (API docs at /docs; Ctrl-C stops)")
+    server.run()
