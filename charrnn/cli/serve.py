@@ -23,6 +23,7 @@ def serve(
     max_num: Annotated[int, typer.Option(min=1, help="Most samples one request may ask for.")] = 8,
     max_prime: Annotated[int, typer.Option(min=1, help="Most characters of prime, or of text to trace or score.")] = 4000,
     max_streams: Annotated[int, typer.Option(min=1, help="Most samples generated at once, over all requests (more: HTTP 429).")] = 64,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads of the model steps \\[default: PyTorch's; on a busy machine 1 can be much faster].", show_default=False)] = None,
     device: RunDevice = Device.cpu,
     dir: Annotated[Path, typer.Option("--dir", help="Where runs live, when none is named.")] = HOME,
 ):
@@ -37,6 +38,10 @@ def serve(
     from charrnn import ui
     from charrnn.serve.models import find_runs, load_models
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     models = load_models(find_runs(runs or [], dir), device.value, on_warn=ui.warn)
     app = create_app(models, Limits(max_length=max_length, max_num=max_num, max_prime=max_prime,
                                     max_streams=max_streams))

@@ -156,8 +156,7 @@ class Server:
                                 f"{self.limits.max_streams} (serve --max-streams); try again when one has finished")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(cfg, hook, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                  lambda n=cfg.num: self.slots.give(n))
+        job = Job(cfg, hook, loop, events, lambda n=cfg.num: self.slots.give(n))
         self.batchers[name].submit(job)
         return job, events
 

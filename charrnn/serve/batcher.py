@@ -7,8 +7,8 @@ characters with charrnn.sample.draw (the same filters, guidance and seeds as `sa
 model.step over the rows of all jobs together, each job's hook fixing only its own rows. A job that
 finished, or whose client went away (`cancel()`), leaves before the next step and frees its slot.
 
-The loop never runs on the event loop: the server hears of each step's text through `deliver`,
-which the loop calls from its own thread (the app hands it on with call_soon_threadsafe).
+The loop never runs on the event loop: after each step it hands that step's text of every job to the
+event loop in one call_soon_threadsafe (each job's asyncio.Queue gets its own).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from charrnn.errors import CharRNNError
 from charrnn.sample import SampleConfig, default_prime, draw, seeded_generator
 from charrnn.stops import StopStrings
 
-# what `deliver` receives: ("text", [new text of each sample]), ("end", [finish reason of each sample])
+# a job's events: ("text", [new text of each sample]), ("end", [finish reason of each sample])
 # or ("error", one-line message); "end" and "error" are the last event of a job
 Event = tuple
 
@@ -52,8 +52,10 @@ class Slots:
 class Job:
     """One request's samples, stepping with every other job of its model."""
 
-    def __init__(self, cfg: SampleConfig, hook, deliver: Callable[[Event], None], release: Callable[[], None]):
-        self.cfg, self.hook, self.deliver = cfg, hook, deliver
+    def __init__(self, cfg: SampleConfig, hook, loop, events, release: Callable[[], None]):
+        self.cfg, self.hook = cfg, hook
+        self.loop, self.events = loop, events  # the requester's event loop and its asyncio.Queue of Events
+        self.outbox: list[Event] = []  # this step's events, handed to the event loop together (Batcher._send)
         self.n = cfg.num
         self.rows = 2 * self.n if cfg.guidance > 0 else self.n
         self.gen = seeded_generator(cfg.seed)
@@ -73,8 +75,11 @@ class Job:
             return
         self._over = True
         self._release()
+        self.post(event)
+
+    def post(self, event: Event) -> None:
         if not self.cancelled:
-            self.deliver(event)
+            self.outbox.append(event)
 
     def reasons(self) -> list[str]:
         stopped = self.stops.stopped if self.stops else [False] * self.n
@@ -115,6 +120,8 @@ class Batcher:
         self.steps = 0  # batched model steps run
         self.most_jobs = 0  # the most jobs one step has advanced together
         self._waiting: queue.Queue = queue.Queue()
+        self._done: list[Job] = []  # jobs with events to send after this step
+        self.gen = seeded_generator(None)  # the draws of unseeded jobs drawn together
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"charrnn-serve-{name}", daemon=True)
         self._thread.start()
@@ -140,16 +147,18 @@ class Batcher:
             self._admit(block=not self.active)
             for job in [j for j in self.active if j.cancelled]:
                 self._leave(job, ("end", job.reasons()))
-            for job in list(self.active):
-                self._advance(job)
+            self._draw_all()
+            self._send()
             if self.active:
                 try:
                     self._step()
                 except Exception as e:  # a step that fails ends its jobs, never the loop: the server keeps serving
                     for job in list(self.active):
                         self._leave(job, ("error", f"generation failed: {type(e).__name__}: {e}"))
-        for job in self.active:
+                    self._send()
+        for job in list(self.active):
             self._leave(job, ("error", "the server is shutting down"))
+        self._send()
 
     def _admit(self, block: bool) -> None:
         """Take every waiting job (waiting for one when nothing is active) and feed each its prime."""
@@ -164,6 +173,7 @@ class Batcher:
             return
 
     def _join(self, job: Job) -> None:
+        self._done.append(job)  # whatever happens here, its events go out with this step's
         if job.cancelled:
             job.finish(("end", job.reasons()))
             return
@@ -182,21 +192,44 @@ class Batcher:
             return
         self.active.append(job)
 
-    def _advance(self, job: Job) -> None:
-        """Draw the job's next characters and hand them on; the job leaves when it is done."""
-        try:
-            nxt = draw(job.logits, job.n, job.cfg, job.gen, job.done)
-        except CharRNNError as e:
-            self._leave(job, ("error", str(e)))
-            return
+    def _draw_all(self) -> None:
+        """Every active job's next characters. Unseeded, unguided jobs with the same filters are drawn in
+        one call from the loop's own generator (their text is random anyway); a seeded job draws from its
+        own generator, so its text is the one `charrnn sample --seed` gives."""
+        groups: dict[tuple, list[Job]] = {}
+        for job in self.active:
+            if job.cfg.seed is None and job.rows == job.n:
+                groups.setdefault((job.cfg.temperature, job.cfg.top_k, job.cfg.top_p), []).append(job)
+        shared = {id(j) for g in groups.values() if len(g) > 1 for j in g}
+        for g in groups.values():
+            if len(g) > 1:
+                try:
+                    ids = draw(torch.cat([j.logits for j in g]), sum(j.n for j in g), g[0].cfg, self.gen, 0)
+                except CharRNNError:
+                    shared -= {id(j) for j in g}  # drawn one by one below, so the error names its own job
+                    continue
+                for j, nxt in zip(g, ids.split([j.n for j in g])):
+                    self._advance(j, nxt)
+        for job in list(self.active):
+            if id(job) not in shared:
+                try:
+                    nxt = draw(job.logits, job.n, job.cfg, job.gen, job.done)
+                except CharRNNError as e:
+                    self._leave(job, ("error", str(e)))
+                    continue
+                self._advance(job, nxt)
+
+    def _advance(self, job: Job, nxt: torch.Tensor) -> None:
+        """Hand on the job's next characters; the job leaves when it is done."""
+        self._done.append(job)
         job.done += 1
         chars = [self.chars[j] for j in nxt.tolist()]
         text = job.stops.feed(chars) if job.stops else chars
         ended = job.done >= job.cfg.length or (job.stops is not None and job.stops.all_stopped)
         if ended and job.stops is not None:
             text = [a + b for a, b in zip(text, job.stops.flush())]
-        if any(text) and not job.cancelled:
-            job.deliver(("text", text))
+        if any(text):
+            job.post(("text", text))
         if ended:
             self._leave(job, ("end", job.reasons()))
         else:
@@ -221,4 +254,25 @@ class Batcher:
         if job in self.active:
             self.active.remove(job)
         job.finish(event)
+        self._done.append(job)
+
+    def _send(self) -> None:
+        """This step's events of every job, in one call per event loop (not one per job and character)."""
+        by_loop: dict[int, list[Job]] = {}
+        for job in dict.fromkeys(self._done):
+            if job.outbox:
+                by_loop.setdefault(id(job.loop), []).append(job)
+        self._done = []
+        for jobs in by_loop.values():
+            batch = [(j.events, j.outbox) for j in jobs]
+            for j in jobs:
+                j.outbox = []
+            jobs[0].loop.call_soon_threadsafe(_hand_out, batch)
+
+
+def _hand_out(batch) -> None:
+    """On the event loop: each job's events into its queue."""
+    for events, items in batch:
+        for item in items:
+            events.put_nowait(item)
 
