@@ -36,6 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -150,7 +156,10 @@ def main() -> None:
                     left = a.time_limit - (time.monotonic() - start)
                     if left <= 0:
                         break
-                    rounds[c].append(asyncio.run(one_round(url, c, a.length, left)))
+                    s0, c0 = cpu_s(proc.pid), time.process_time()
+                    res = asyncio.run(one_round(url, c, a.length, left))
+                    res["server_cpu"], res["client_cpu"] = cpu_s(proc.pid) - s0, time.process_time() - c0
+                    rounds[c].append(res)
             rss1 = rss_mb(proc.pid)
         finally:
             proc.terminate()
@@ -160,7 +169,7 @@ def main() -> None:
           f"server --threads {a.threads or 'default'}; "
           f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs")
     print(f"{'clients':>7} {'chars/s':>9} {'x one':>6} {'first p50':>10} {'first p95':>10} {'last p50':>9} "
-          f"{'last p95':>9} {'errors':>6}")
+          f"{'last p95':>9} {'errors':>6} {'server CPU':>10} {'client CPU':>10}")
     base = None
     for c in counts:
         if not rounds[c]:
@@ -169,7 +178,8 @@ def main() -> None:
         base = base or m["chars_per_s"]
         errors = sum(len(x["errors"]) for x in rounds[c])
         print(f"{c:>7} {m['chars_per_s']:>9.0f} {m['chars_per_s'] / base:>6.1f} {m['first_p50']:>9.3f}s "
-              f"{m['first_p95']:>9.3f}s {m['last_p50']:>8.2f}s {m['last_p95']:>8.2f}s {errors:>6}")
+              f"{m['first_p95']:>9.3f}s {m['last_p50']:>8.2f}s {m['last_p95']:>8.2f}s {errors:>6} "
+              f"{m['server_cpu']:>9.1f}s {m['client_cpu']:>9.1f}s")
         for x in rounds[c]:
             for e in x["errors"][:3]:
                 print(f"  error ({c} clients): {e}")

@@ -393,8 +393,16 @@ async def _guarded(job: Job, chunks):
 async def _events(job: Job, events: asyncio.Queue):
     """The job's events until its last; if the consumer stops early (the client went away), the job is cancelled."""
     try:
+        held = None
         while True:
-            kind, data = await events.get()
+            kind, data = held or await events.get()
+            held = None
+            while kind == "text" and not events.empty():  # the client reads slower than the loop writes:
+                nxt = events.get_nowait()  # what has piled up goes out as one piece per sample
+                if nxt[0] != "text":
+                    held = nxt
+                    break
+                data = [a + b for a, b in zip(data, nxt[1])]
             yield kind, data
             if kind != "text":
                 return
