@@ -142,27 +142,28 @@ def test_trace_and_loss_are_the_models(served):
 
 
 def test_concurrent_streams_share_one_step_and_a_client_that_leaves_frees_its_slots(served):
-    """A long stream holds slots; a second request joins it in the same batched steps, gets the text it
-    would get alone, and a request past the slots is refused (429); when the long stream's client
-    disconnects its samples leave the loop (the status counter falls to 0) and the server serves on."""
-    alone = post(served, "/api/generate", {"model": "run", "prime": "A", "length": 50, "seed": 7,
-                                           "stream": False}).json()["texts"]
-    assert status(served)["models"]["run"]["most_streams_in_one_step"] <= 1  # every request so far ran alone
+    """A long stream holds slots; requests made meanwhile (one plain, one steered with guidance) join it in
+    the same batched steps, each fixing only its own rows, and get the text they get alone; a request
+    past the slots is refused (429); when the long stream's client disconnects its samples leave the
+    loop (the status counter falls to 0) and the server serves on."""
+    plain = {"model": "steered", "prime": "A", "length": 50, "seed": 7, "stream": False}
+    steered = {**plain, "sentiment": "negative", "seed": 8}
+    alone = [post(served, "/api/generate", body).json()["texts"] for body in (plain, steered)]
+    assert status(served)["models"]["steered"]["most_streams_in_one_step"] <= 1  # every request so far ran alone
     with httpx.stream("POST", served.url + "/api/generate", timeout=60,
-                      json={"model": "run", "prime": "The", "length": LONG, "num": 3}) as long:
+                      json={"model": "steered", "prime": "The", "length": LONG, "num": 2}) as long:
         lines = long.iter_lines()
         assert json.loads(next(lines))["text"]  # the long stream is generating
-        assert status(served)["samples"] == 3
-        together = post(served, "/api/generate", {"model": "run", "prime": "A", "length": 50, "seed": 7,
-                                                  "stream": False}).json()["texts"]
-        full = post(served, "/api/generate", {"model": "run", "num": 2, "length": 5})
+        assert status(served)["samples"] == 2
+        together = [post(served, "/api/generate", body).json()["texts"] for body in (plain, steered)]
+        full = post(served, "/api/generate", {"model": "run", "num": 3, "length": 5})
         assert full.status_code == 429 and "limit is 4" in full.json()["error"]["message"]
-        assert status(served)["models"]["run"]["most_streams_in_one_step"] >= 2
+        assert status(served)["models"]["steered"]["most_streams_in_one_step"] >= 2
         for _ in range(5):
             next(lines)
     # the with-block closed the connection mid-stream
     wait_for(lambda: status(served)["samples"] == 0, "the disconnected stream to leave")
-    assert status(served)["models"]["run"]["streams"] == 0
+    assert status(served)["models"]["steered"]["streams"] == 0
     assert together == alone
     assert post(served, "/api/generate", {"model": "run", "length": 5, "stream": False}).status_code == 200
 
@@ -233,3 +234,40 @@ def test_serve_with_no_runs_and_two_runs_of_one_name_are_one_line_errors(tmp_pat
     with_unit(tiny_run, tmp_path / "run.safetensors")
     r = run_cli("serve", tiny_run, tmp_path / "run.safetensors")
     assert r.exit_code == 2 and "two runs are named 'run'" in r.stderr
+
+
+def test_the_command_serves_a_run_until_stopped(tiny_run, tmp_path):
+    """`charrnn serve RUN --port P` as a user starts it: it serves the run by its folder name."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", str(tiny_run), "--port", str(port),
+                             "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert f"serving run at {url}/" in proc.stderr.readline()  # printed once the models are loaded
+        def up():
+            try:
+                return httpx.get(url + "/api/models", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+        wait_for(up, "the server to answer")
+        assert [m["name"] for m in httpx.get(url + "/api/models").json()["models"]] == ["run"]
+        assert httpx.get(url + "/").text.startswith("<!DOCTYPE html>")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) in (0, -15)
+
+
+def test_the_page_fetches_nothing_but_this_server():
+    """Plain files, no build step, no network: every URL in the page is this server's own path."""
+    web = REPO / "charrnn" / "web"
+    assert {p.name for p in web.iterdir()} == {"index.html", "app.js", "style.css"}
+    for p in web.iterdir():
+        text = p.read_text()
+        assert not re.search(r"https?://|//cdn|@import", text), p
+        for url in re.findall(r'(?:src|href)="([^"]+)"', text) + re.findall(r'fetch\("([^"]+)"', text):
+            assert url.startswith("/"), (p, url)
