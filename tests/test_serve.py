@@ -238,17 +238,19 @@ def test_serve_with_no_runs_and_two_runs_of_one_name_are_one_line_errors(tmp_pat
 
 def test_the_command_serves_a_run_until_stopped(tiny_run, tmp_path):
     """`charrnn serve RUN --port P` as a user starts it: it serves the run by its folder name."""
-    import socket
     import subprocess
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", str(tiny_run), "--port", str(port),
-                             "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "serve", str(tiny_run), "--port", "0", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True)
     try:
-        url = f"http://127.0.0.1:{port}"
-        assert f"serving run at {url}/" in proc.stderr.readline()  # printed once the models are loaded
+        said = proc.stderr.readline()  # printed once the models are loaded and the port is bound
+        m = re.fullmatch(r"serving run at (http://127\.0\.0\.1:(\d+))/ \(API docs at /docs; Ctrl-C stops\)\n", said)
+        assert m, said
+        url, port = m.group(1), m.group(2)
+        taken = subprocess.run([sys.executable, "-m", "charrnn", "serve", str(tiny_run), "--port", port],
+                               capture_output=True, text=True)
+        assert taken.returncode == 1 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1 port {port}")
+        assert len(taken.stderr.splitlines()) == 1
         def up():
             try:
                 return httpx.get(url + "/api/models", timeout=5).status_code == 200

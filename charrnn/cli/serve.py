@@ -45,8 +45,25 @@ def serve(
     models = load_models(find_runs(runs or [], dir), device.value, on_warn=ui.warn)
     app = create_app(models, Limits(max_length=max_length, max_num=max_num, max_prime=max_prime,
                                     max_streams=max_streams))
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
-    server = uvicorn.Server(config)
+    sock = listen(host, port)
+    port = sock.getsockname()[1]  # the one chosen, for --port 0
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     show = f"[{host}]" if ":" in host else host
     ui.info(f"serving {', '.join(models)} at http://{show}:{port}/ (API docs at /docs; Ctrl-C stops)")
-    server.run()
+    server.run(sockets=[sock])
+
+
+def listen(host: str, port: int):
+    """The listening socket, bound here so that a port in use is one line (and --port 0 says which it got)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise DataError(f"cannot listen on {host} port {port} ({e.strerror}); choose another with --port "
+                        "(0: any free one) or --host") from None
+    sock.listen(2048)
+    return sock
