@@ -247,9 +247,8 @@ def test_the_command_serves_a_run_until_stopped(tiny_run, tmp_path):
         m = re.fullmatch(r"serving run at (http://127\.0\.0\.1:(\d+))/ \(API docs at /docs; Ctrl-C stops\)\n", said)
         assert m, said
         url, port = m.group(1), m.group(2)
-        taken = subprocess.run([sys.executable, "-m", "charrnn", "serve", str(tiny_run), "--port", port],
-                               capture_output=True, text=True)
-        assert taken.returncode == 1 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1 port {port}")
+        taken = run_cli("serve", tiny_run, "--port", port)  # the port is the running server's
+        assert taken.exit_code == 1 and taken.stderr.startswith(f"error: cannot listen on 127.0.0.1 port {port}")
         assert len(taken.stderr.splitlines()) == 1
         def up():
             try:

@@ -38,6 +38,8 @@ def serve(
     from charrnn import ui
     from charrnn.serve.models import find_runs, load_models
 
+    sock = listen(host, port)  # first: a port in use fails before the models load
+    port = sock.getsockname()[1]  # the one chosen, for --port 0
     if threads is not None:
         import torch
 
@@ -45,8 +47,6 @@ def serve(
     models = load_models(find_runs(runs or [], dir), device.value, on_warn=ui.warn)
     app = create_app(models, Limits(max_length=max_length, max_num=max_num, max_prime=max_prime,
                                     max_streams=max_streams))
-    sock = listen(host, port)
-    port = sock.getsockname()[1]  # the one chosen, for --port 0
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     show = f"[{host}]" if ":" in host else host
     ui.info(f"serving {', '.join(models)} at http://{show}:{port}/ (API docs at /docs; Ctrl-C stops)")
