@@ -134,6 +134,9 @@ def test_trace_and_loss_are_the_models(served):
     assert (t["lo"], t["hi"]) == (-2.0, 2.0) and all(re.fullmatch(r"#[0-9a-f]{6}", c) for c in t["colors"])
     u = post(served, "/api/trace", {"model": "run", "text": text, "unit": 5}).json()
     assert u["values"] == pytest.approx(m.trace(text, unit=5))
+    long = post(served, "/api/trace", {"model": "run", "text": "a" * (20 + LONG + 1), "unit": 1})
+    assert long.status_code == 400 and long.json()["error"]["message"] == (
+        f"text is {20 + LONG + 1} characters; this server takes at most {20 + LONG} (serve --max-prime plus --max-length)")
     loss = post(served, "/api/loss", {"model": "run", "text": text}).json()
     assert loss["nats_per_char"] == pytest.approx(m.loss(text)) and loss["bits_per_char"] > loss["nats_per_char"]
 
@@ -222,17 +225,15 @@ def test_bad_input_is_4xx_json_with_one_message_and_the_server_serves_on(served,
 
 def test_serve_without_the_extra_says_how_to_get_it(monkeypatch, tiny_run):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if uvicorn were not installed
-    r = run_cli("serve", tiny_run)
+    r = run_cli("serve", tiny_run, "--port", "0")
     assert r.exit_code == 1 and r.stderr.strip() == 'error: charrnn serve needs FastAPI and uvicorn: pip install "charrnn[serve]"'
 
 
 def test_serve_with_no_runs_and_two_runs_of_one_name_are_one_line_errors(tmp_path, tiny_run):
-    r = run_cli("serve")
+    r = run_cli("serve", "--port", "0")
     assert r.exit_code == 1 and "no runs with checkpoints under" in r.stderr and len(r.stderr.splitlines()) == 1
-    other = tmp_path / "x" / "run"
-    other.parent.mkdir()
     with_unit(tiny_run, tmp_path / "run.safetensors")
-    r = run_cli("serve", tiny_run, tmp_path / "run.safetensors")
+    r = run_cli("serve", tiny_run, tmp_path / "run.safetensors", "--port", "0")
     assert r.exit_code == 2 and "two runs are named 'run'" in r.stderr
 
 

@@ -21,7 +21,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 serves other machines too.")] = "127.0.0.1",
     max_length: Annotated[int, typer.Option(min=1, help="Most characters one sample may generate.")] = 2000,
     max_num: Annotated[int, typer.Option(min=1, help="Most samples one request may ask for.")] = 8,
-    max_prime: Annotated[int, typer.Option(min=1, help="Most characters of prime, or of text to trace or score.")] = 4000,
+    max_prime: Annotated[int, typer.Option(min=1, help="Most characters of prime (a text to trace or score may have this plus --max-length).")] = 4000,
     max_streams: Annotated[int, typer.Option(min=1, help="Most samples generated at once, over all requests (more: HTTP 429).")] = 64,
     threads: Annotated[Optional[int], typer.Option(min=1, help="CPU threads of the model steps \\[default: PyTorch's; on a busy machine 1 can be much faster].", show_default=False)] = None,
     device: RunDevice = Device.cpu,
@@ -40,13 +40,17 @@ def serve(
 
     sock = listen(host, port)  # first: a port in use fails before the models load
     port = sock.getsockname()[1]  # the one chosen, for --port 0
-    if threads is not None:
-        import torch
+    try:
+        if threads is not None:
+            import torch
 
-        torch.set_num_threads(threads)
-    models = load_models(find_runs(runs or [], dir), device.value, on_warn=ui.warn)
-    app = create_app(models, Limits(max_length=max_length, max_num=max_num, max_prime=max_prime,
-                                    max_streams=max_streams))
+            torch.set_num_threads(threads)
+        models = load_models(find_runs(runs or [], dir), device.value, on_warn=ui.warn)
+        app = create_app(models, Limits(max_length=max_length, max_num=max_num, max_prime=max_prime,
+                                        max_streams=max_streams))
+    except BaseException:
+        sock.close()
+        raise
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
     show = f"[{host}]" if ":" in host else host
     ui.info(f"serving {', '.join(models)} at http://{show}:{port}/ (API docs at /docs; Ctrl-C stops)")

@@ -135,9 +135,13 @@ class Server:
         except UsageError as e:
             raise ApiError(400, str(e)) from None
 
-    def check_text(self, name: str, model, text: str, what: str = "text") -> None:
-        self.check_length(self.limits, text, what)
-        check_chars(name, model, text, what)
+    def check_text(self, name: str, model, text: str) -> None:
+        """A text to trace or score: at most what one request could have made (a prime and its sample)."""
+        most = self.limits.max_prime + self.limits.max_length
+        if len(text) > most:
+            raise ApiError(400, f"text is {len(text)} characters; this server takes at most {most} "
+                                "(serve --max-prime plus --max-length)")
+        check_chars(name, model, text, "text")
 
     @staticmethod
     def check_length(limits: Limits, text: str, what: str) -> None:
