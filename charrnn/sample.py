@@ -191,6 +191,32 @@ def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
     return [cfg.prime + "".join(buf) for buf in out] if out is not None else [cfg.prime] * cfg.num
 
 
+def draw(logits: torch.Tensor, n: int, cfg: SampleConfig, generator: torch.Generator, step: int) -> torch.Tensor:
+    """The next character ids (n,) of n samples from their rows' logits: n rows, or 2n with guidance
+    (own rows first, the opposite-fixed rows after). `step` (0-based) only numbers the character in an error."""
+    if logits.shape[0] > n:
+        logits = guided_logits(logits[:n], logits[n:], cfg.guidance)
+    try:
+        return pick(logits.cpu(), cfg, generator)  # sampling on CPU keeps seeds portable across devices
+    except RuntimeError as e:  # multinomial's "probability tensor contains either inf, nan or element < 0"
+        if "probability tensor" not in str(e):
+            raise
+        raise CheckpointError(
+            f"the model's next-character probabilities are not finite at generated character {step + 1} (NaN "
+            "or infinite weights in the checkpoint, or a fixed --value too large); check the checkpoint with "
+            "'charrnn eval CHECKPOINT FILE'") from None
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """The CPU generator every draw of one sampling run uses: seeded, or from fresh entropy when seed is None."""
+    gen = torch.Generator(device="cpu")
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
 @torch.no_grad()
 def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> Iterator[list[str]]:
     """Yield the next character of every sample, `cfg.length` times, after feeding the prime
@@ -215,11 +241,7 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
     rows = 2 * n if cfg.guidance > 0 else n
     model = with_precision(model, choose_precision(model, cfg.precision, rows)).eval()
     device = model.head.weight.device
-    gen = torch.Generator(device="cpu")
-    if cfg.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(cfg.seed)
+    gen = seeded_generator(cfg.seed)
     ids = vocab.encode(cfg.prime or default_prime(vocab))
     state = model.init_state(rows, device)
     logits = None
@@ -228,17 +250,7 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
         x = torch.full((rows,), i, dtype=torch.long, device=device)
         logits, state = model.step(x, state, hook)
     for step in range(cfg.length):
-        if rows > n:
-            logits = guided_logits(logits[:n], logits[n:], cfg.guidance)
-        try:
-            nxt = pick(logits.cpu(), cfg, gen)  # sampling on CPU keeps seeds portable across devices
-        except RuntimeError as e:  # multinomial's "probability tensor contains either inf, nan or element < 0"
-            if "probability tensor" not in str(e):
-                raise
-            raise CheckpointError(
-                f"the model's next-character probabilities are not finite at generated character {step + 1} (NaN "
-                "or infinite weights in the checkpoint, or a fixed --value too large); check the checkpoint with "
-                "'charrnn eval CHECKPOINT FILE'") from None
+        nxt = draw(logits, n, cfg, gen, step)
         chars = [vocab.chars[j] for j in nxt.tolist()]
         if stops is None:
             yield chars

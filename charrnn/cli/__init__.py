@@ -22,6 +22,7 @@ from charrnn.cli.checkpoints import checkpoints_app
 from charrnn.cli.corpus import corpus_app
 from charrnn.cli.neuron import neuron_app
 from charrnn.cli.plot import plot
+from charrnn.cli.serve import serve
 
 app = typer.Typer(
     help="Train character-level recurrent language models, sample from them, and steer them.",
@@ -37,6 +38,7 @@ app.command()(evaluate.gradients)
 app.command()(bench.bench)
 app.command()(plot)
 app.command("export")(export.export_cmd)
+app.command()(serve)
 app.add_typer(checkpoints_app, name="checkpoints")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(cache_app, name="cache")
