@@ -25,6 +25,12 @@ CACHE_VERSION = 1
 WARMUP_STEPS = 2  # the first calls allocate and pick kernels: not what sampling costs afterwards
 TIMED_STEPS = 6  # per round; a step of a 2x512 LSTM is well under a millisecond
 ROUNDS = 3  # fp32, bf16, fp32, bf16 ...: a slow spell of a shared machine hits both sides
+# Without native bf16 a bf16 copy can still be faster: it halves the weights read at every step, and a
+# one-stream step of a big model is bound by that traffic (measured on an AVX2-only 2-core EPYC, `charrnn
+# bench`: 2x512 LSTM, one stream, raw LSTMCell loop fp32 337 chars/s, bf16 900). For small models the
+# conversions cost more than the traffic saved, so there only models this big are measured at all.
+EMULATED_MIN_PARAMS = 1_000_000
+BF16_MARGIN = 1.1  # bf16 is kept only when at least this much faster: a near-tie is not worth bf16's rounding
 
 Measured = Callable[[str, dict], None]  # (cache key, what was measured): told when auto had to measure
 
@@ -100,26 +106,31 @@ def _seconds_per_step(model, rows: int, steps: int) -> float:
 def measure(model, rows: int) -> dict:
     """Seconds per step of `model` (fp32, eval mode) and of a bf16 copy, `rows` streams, alternated; best of ROUNDS."""
     models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
-    for m in models.values():
-        _seconds_per_step(m, rows, WARMUP_STEPS)
+    try:
+        for m in models.values():
+            _seconds_per_step(m, rows, WARMUP_STEPS)
+    except RuntimeError:  # a CPU whose kernels refuse bf16 for this cell: fp32, never an error
+        return {"fp32_s_per_step": _seconds_per_step(model, rows, TIMED_STEPS), "bf16_s_per_step": float("inf"),
+                "precision": "fp32", "measured_at": time.time()}
     best = {name: float("inf") for name in models}
     for _ in range(ROUNDS):
         for name, m in models.items():
             best[name] = min(best[name], _seconds_per_step(m, rows, TIMED_STEPS))
     return {"fp32_s_per_step": best["fp32"], "bf16_s_per_step": best["bf16"],
-            "precision": "bf16" if best["bf16"] < best["fp32"] else "fp32", "measured_at": time.time()}
+            "precision": "bf16" if best["bf16"] * BF16_MARGIN <= best["fp32"] else "fp32", "measured_at": time.time()}
 
 
 def auto_precision(model, rows: int, native_bf16: bool | None = None, on_measure: Measured | None = None) -> str:
     """'fp32' or 'bf16' for sampling `rows` streams from `model` (fp32, eval mode) where it lives.
 
-    fp32 on GPUs and on CPUs without native bf16 (`native_bf16` None: this CPU, per cpu_has_bf16).
-    Otherwise the cached choice for this machine and shape, or, the first time, the faster of the two
-    measured (`on_measure(key, result)` is told) and cached.
+    fp32 on GPUs, and for models under EMULATED_MIN_PARAMS on CPUs without native bf16 (`native_bf16`
+    None: this CPU, per cpu_has_bf16). Otherwise the cached choice for this machine and shape, or, the
+    first time, the faster of the two measured (`on_measure(key, result)` is told) and cached.
     """
     if model.head.weight.device.type != "cpu":
         return "fp32"
-    if not (cpu_has_bf16() if native_bf16 is None else native_bf16):
+    native = cpu_has_bf16() if native_bf16 is None else native_bf16
+    if not native and model.num_params() < EMULATED_MIN_PARAMS:
         return "fp32"
     key = cache_key(model, rows)
     choice = cached_choice(key)

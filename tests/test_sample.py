@@ -112,6 +112,19 @@ def test_auto_precision_without_native_bf16_is_fp32_without_measuring():
         assert choose_precision(m, "auto", 64) == "fp32" and not cache_file().exists()
 
 
+def test_without_native_bf16_a_big_model_is_measured_too():
+    """A bf16 copy halves the weights read per step, which can pay without native bf16 (2x512 on an
+    AVX2-only CPU: 2.7x, docs/speed.md); models of EMULATED_MIN_PARAMS and up are timed there as well."""
+    from charrnn.model import CharRNN, ModelConfig
+    from charrnn.sampleprecision import EMULATED_MIN_PARAMS
+
+    big = CharRNN(ModelConfig(vocab_size=65, hidden=256, layers=2)).eval()
+    assert big.num_params() >= EMULATED_MIN_PARAMS
+    seen = Measurements()
+    choice = auto_precision(big, 1, native_bf16=False, on_measure=seen)
+    assert seen.keys == [cache_key(big, 1)] and cached_choice(cache_key(big, 1)) == choice in ("fp32", "bf16")
+
+
 def test_auto_precision_is_measured_once_per_shape_then_read_from_the_cache():
     m, _ = _model()
     seen = Measurements()

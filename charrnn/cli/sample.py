@@ -35,7 +35,7 @@ def sample(
     value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
     state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
     guidance: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from log p_own + G * (log p_own - log p_opposite) among the characters the own stream finds plausible; 0 = plain fixing \\[default: 0.25 with --sentiment, else 0].", show_default=False)] = None,
-    precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = on a CPU with native bf16, the faster of fp32 and bf16, timed on this model and batch once and cached per machine; elsewhere fp32.")] = Precision.auto,
+    precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = the faster of fp32 and bf16, timed on this model and batch once and cached per machine (on a CPU without native bf16 only for models of 1M+ parameters); fp32 on a GPU.")] = Precision.auto,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
     # Only what the first character needs is imported (not the trainer, not Rich unless there is
