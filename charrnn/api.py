@@ -17,7 +17,7 @@ from charrnn.checkpoint import DEFAULT_HOME, Warn, load_model
 from charrnn.config import SentimentConfig, TrainConfig, parse_duration
 from charrnn.data import Vocab
 from charrnn.errors import DataError, UsageError
-from charrnn.events import TrainEvents
+from charrnn.events import Receivers, TrainEvents
 from charrnn.model import CharRNN
 
 PathLike = Union[str, Path]
@@ -261,42 +261,18 @@ def _resumed(resume, corpus, time, run_dir, init_from, allow_changed_corpus: boo
                           device=None if device in (None, "auto") else device, allow_changed_corpus=allow_changed_corpus)
 
 
-def _forward_every_event(cls):
-    """Give `cls` every on_* method of TrainEvents (those added later too), each calling cls._deliver(name, event)."""
-    for name in [n for n in vars(TrainEvents) if n.startswith("on_")]:
-        setattr(cls, name, lambda self, e, _name=name: self._deliver(_name, e))
-    return cls
-
-
-@_forward_every_event
-class _Receivers(TrainEvents):
-    """Hands every event to each receiver in turn (the progress display, the caller's callback)."""
-
-    def __init__(self, receivers: list[TrainEvents]):
-        self.receivers = receivers
-
-    def _deliver(self, name: str, e) -> None:
-        for r in self.receivers:
-            getattr(r, name)(e)
-
-    def close(self) -> None:
-        for r in self.receivers:
-            if hasattr(r, "close"):
-                r.close()
-
-
-@_forward_every_event
-class _Function(TrainEvents):
-    """A plain function as a receiver: called with every event object."""
+class _Function(Receivers):
+    """A plain function as a receiver: called with every event object (Receivers' forwarding, one target)."""
 
     def __init__(self, fn: Callable[[Any], None]):
+        super().__init__()
         self.fn = fn
 
     def _deliver(self, name: str, e) -> None:
         self.fn(e)
 
 
-def _receiver(callback: Callback, progress: bool) -> _Receivers:
+def _receiver(callback: Callback, progress: bool) -> Receivers:
     if isinstance(callback, TrainEvents):
         receivers: list[TrainEvents] = [callback]
     elif callable(callback):
@@ -309,4 +285,4 @@ def _receiver(callback: Callback, progress: bool) -> _Receivers:
         from charrnn import ui  # the display prints; it is made only when asked for
 
         receivers.insert(0, ui.TrainDisplay())
-    return _Receivers(receivers)
+    return Receivers(*receivers)

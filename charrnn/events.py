@@ -136,31 +136,22 @@ class TrainEvents:
 
 
 class Receivers(TrainEvents):
-    """Several receivers as one (the progress display and a TensorBoard log, say), called in order."""
+    """Several receivers as one (the progress display, a TensorBoard log, an API caller's callback),
+    called in order; every on_* method of TrainEvents is forwarded, those added later too."""
 
     def __init__(self, *receivers: TrainEvents):
         self.receivers = receivers
 
-    def on_start(self, e: StartEvent) -> None:
+    def _deliver(self, name: str, e) -> None:
         for r in self.receivers:
-            r.on_start(e)
+            getattr(r, name)(e)
 
-    def on_step(self, e: StepEvent) -> None:
+    def close(self) -> None:
         for r in self.receivers:
-            r.on_step(e)
+            if hasattr(r, "close"):
+                r.close()
 
-    def on_eval(self, e: EvalEvent) -> None:
-        for r in self.receivers:
-            r.on_eval(e)
 
-    def on_save(self, e: SaveEvent) -> None:
-        for r in self.receivers:
-            r.on_save(e)
-
-    def on_warn(self, e: WarnEvent) -> None:
-        for r in self.receivers:
-            r.on_warn(e)
-
-    def on_end(self, e: EndEvent) -> None:
-        for r in self.receivers:
-            r.on_end(e)
+for _name in [n for n in vars(TrainEvents) if n.startswith("on_")]:
+    setattr(Receivers, _name, lambda self, e, _name=_name: self._deliver(_name, e))
+del _name

@@ -280,3 +280,18 @@ def test_tensorboards_own_reader_reads_the_scalars(corpus, tmp_path):
     assert [(s.step, s.value) for s in acc.Scalars("loss/val")] == [
         (m["step"], pytest.approx(m["val_loss"], rel=1e-6)) for m in evals]
     assert [s.step for s in acc.Scalars("loss/train")] == [10, 20, 30, 40]  # the restart replaced 30 and 40
+
+
+def test_receivers_forward_every_event_a_receiver_knows():
+    """Receivers (the display beside a TensorBoard log, or an API callback) hand on every on_* method,
+    rollbacks included: the display's own on_rollback, not the warning fallback."""
+    from charrnn.events import Receivers, RollbackEvent, WarnEvent
+    from conftest import Recorder
+
+    a, b = Recorder(), Recorder()
+    both = Receivers(a, b)
+    rollback = RollbackEvent(message="loss spike", reason="loss spike", step=9, to_step=5, observed=2.0,
+                             level=1.0, lr_scale=0.5)
+    both.on_rollback(rollback)
+    both.on_warn(WarnEvent("w"))
+    assert a.events == b.events == [("rollback", rollback), ("warn", WarnEvent("w"))]
