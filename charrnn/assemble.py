@@ -78,7 +78,8 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
                   arch=init["model_config"] if init is not None else None)
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
     start = Start(cfg, corpus, sha, vocab, train_data, val_data, state,
-                  ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout),
+                  ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout,
+                              _bound_unit(cfg, init)),
                   weights=init["model"] if init is not None else None, source=init["path"] if init is not None else None,
                   record=init.get("sentiment") if init is not None else None)
     device, dist = setup_distributed(cfg)
@@ -86,6 +87,16 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
     folder = RunFolder.claim_new(run_dir, lambda: default_run_dir(Path(home), corpus, cfg), dist)
     with folder.released_on_error(remove=run_dir is None):  # nobody else knows a new default folder
         return _assemble(start, folder, device, dist, events)
+
+
+def _bound_unit(cfg: TrainConfig, init: dict | None) -> int | None:
+    """The model's bound unit: the binding's for a bound run, else the --init-from model's own (a bound
+    model fine-tuned without binding still holds its unit)."""
+    if cfg.sentiment.unit:
+        from charrnn.neuron.bind import BOUND_UNIT
+
+        return BOUND_UNIT
+    return (init or {}).get("model_config", {}).get("bound_unit")
 
 
 def _load_new_corpus(corpus: list[Path], cfg: TrainConfig, init_from: Path | None, init: dict | None):

@@ -24,6 +24,11 @@ what the next step sees. Layers run bottom to top, each over the whole sequence.
 attribute `first_layer = k` promises to leave layers below k alone: those then run on the fused
 kernel, or the mLSTM's whole-sequence path (the sentiment binding hooks only the top layer, and
 trains at close to full speed).
+Bound unit. A model with `bound_unit = k` (trained with `--sentiment-unit`) holds unit k of the top
+layer's h at a written value at every step, 0 unless `forward(..., write=Write(values))` or a hook
+writes it: the rest of the network reads the unit only as that value, while the unit's own cell
+state (nothing else reads it) is what it reads of the text. An LSTM runs this on the fused kernel.
+
 `charrnn gradients` uses the hook to reach every hidden state; `step(idx, state, hook)` calls the
 same hook (with t = 0) after each layer of a single step, so sampling with a fixed unit sees
 exactly what training with it saw.
@@ -57,6 +62,9 @@ class ModelConfig:
     hidden: int = 512  # units per recurrent layer
     embed: int = 0  # embedding width; 0 means the same as hidden
     dropout: float = 0.0  # between layers and before the head, during training only
+    # a top-layer unit whose output h the network reads as written from outside: 0 unless a value is
+    # written into it (`Write`, or a hook that fixes it). Set by `train --sentiment-unit` (neuron/bind.py).
+    bound_unit: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,6 +72,26 @@ class ModelConfig:
     @property
     def embed_dim(self) -> int:
         return self.embed or self.hidden
+
+
+@dataclass
+class Write:
+    """What `forward` writes into the bound unit (ModelConfig.bound_unit): `values` (B, T), the unit's
+    h at every step. After the call `read` (B, T) holds the unit's own value as its cell computed it
+    (c, or h without a cell state): what it reads of the text, never seen by the rest of the network."""
+
+    values: torch.Tensor
+    read: torch.Tensor | None = None
+    # optional: run the top layer a second time for `rows` (R,) with `other` (R, T) written, on the same
+    # input from below; its logits go to `other_logits` (the LSTM's fused path only; else left None)
+    rows: torch.Tensor | None = None
+    other: torch.Tensor | None = None
+    other_logits: torch.Tensor | None = None
+
+
+def set_unit(s: torch.Tensor, unit: int, col: torch.Tensor) -> torch.Tensor:
+    """s (..., H) with column `unit` replaced by col (...,), written out of place so autograd sees it."""
+    return torch.cat([s[..., :unit], col.unsqueeze(-1).to(s.dtype), s[..., unit + 1:]], -1)
 
 
 # ---------------------------------------------------------------- the cells, as equations
@@ -373,22 +401,99 @@ class CharRNN(nn.Module):
             finals.append(last)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
 
+    def _pinned(self, hook: Hook | None, write: Write | None) -> Hook:
+        """`hook` after holding the bound unit's h at its written value (0 without `write`) at every step
+        of the top layer; the unit's own value before that goes to `write.read`."""
+        top, unit = self.config.layers - 1, self.config.bound_unit
+        reads: list[torch.Tensor] = []
+
+        def pinned(layer: int, t: int, state: LayerState) -> LayerState:
+            if layer == top:
+                if write is not None:
+                    reads.append(state[-1][:, unit])  # c, or h without a cell state
+                    if len(reads) == write.values.shape[1]:
+                        write.read = torch.stack(reads, 1)
+                col = write.values[:, t] if write is not None else state[0].new_zeros(state[0].shape[0])
+                state = (set_unit(state[0], unit, col),) + tuple(state[1:])
+            return hook(layer, t, state) if hook is not None else state
+
+        pinned.first_layer = min(top, getattr(hook, "first_layer", 0)) if hook is not None else top
+        return pinned
+
+    def _run_bound_lstm(self, x: torch.Tensor, state: State, write: Write | None) -> tuple[torch.Tensor, State]:
+        """A bound LSTM on the fused kernel: the same numbers as holding the unit's h at the written
+        values step by step (`_pinned`). With `write.rows`, the top layer runs a second time for those
+        rows with `write.other` written, on the same input from below (`write.other_logits`)."""
+        top = self.config.layers - 1
+        finals: list[LayerState] = []
+        if top > 0:
+            x, finals = self._run_fused_layers(x, state, top)
+            x = self.drop(x)  # between layers, as nn.LSTM's dropout
+        values = write.values if write is not None else x.new_zeros(x.shape[:2])
+        h0, c0 = state[0][top], state[1][top]
+        out, last = self._bound_top(x, h0, c0, values, write)
+        finals.append(last)
+        if write is not None and write.rows is not None:
+            rows = write.rows
+            other, _ = self._bound_top(x[rows], h0[rows], c0[rows], write.other, None)
+            write.other_logits = self.head(self.drop(other))
+        return out, tuple(torch.stack(parts) for parts in zip(*finals))
+
+    def _bound_top(self, x, h0, c0, values, write: Write | None) -> tuple[torch.Tensor, LayerState]:
+        """The bound top layer on the fused kernel. A held h_{t-1} reaches the gates only through its
+        column of W_hh, so that column moves to an extra input channel that carries the values held a
+        step before, and the unit's own output is masked out of the recurrence and replaced in the output."""
+        c, top, unit = self.config, self.config.layers - 1, self.config.bound_unit
+        values = values.to(x.dtype)
+        w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{n}_l{top}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        keep = torch.ones(c.hidden, dtype=w_hh.dtype, device=w_hh.device)
+        keep[unit] = 0
+        w_in = torch.cat([w_ih, w_hh[:, unit:unit + 1]], 1)
+        # step t's gates see h_{t-1}: the value written at the step before (the carried state's at t = 0)
+        held = torch.cat([h0[:, unit:unit + 1].to(x.dtype), values[:, :-1]], 1)
+        xin = torch.cat([x, held.unsqueeze(-1)], -1)
+        out, h, cell = torch.lstm(xin, (h0[None].contiguous(), c0[None].contiguous()), [w_in, w_hh * keep, b_ih, b_hh],
+                                  True, 1, 0.0, self.training, False, True)
+        if write is not None:
+            write.read = self._unit_cells(xin, out, h0 * keep, c0[:, unit], w_in, w_hh * keep, b_ih + b_hh)
+        return set_unit(out, unit, values), (set_unit(h[0], unit, values[:, -1]), cell[0])
+
+    def _unit_cells(self, xin, out, h0, c0, w_in, w_rec, bias) -> torch.Tensor:
+        """(B, T): the bound unit's cell state at every step, recomputed from the kernel's outputs (the
+        kernel returns only the last one); its gates are four rows of the layer's weights."""
+        H, unit = self.config.hidden, self.config.bound_unit
+        rows = [unit, H + unit, 2 * H + unit, 3 * H + unit]  # its i, f, g, o
+        keep = torch.ones(H, dtype=out.dtype, device=out.device)
+        keep[unit] = 0
+        h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1] * keep], 1)  # (B, T, H), its own column out
+        z = F.linear(xin, w_in[rows]) + F.linear(h_prev, w_rec[rows], bias[rows])  # (B, T, 4)
+        i, f, g = torch.sigmoid(z[..., 0]), torch.sigmoid(z[..., 1]), torch.tanh(z[..., 2])
+        cells, cell = [], c0
+        for t in range(z.shape[1]):
+            cell = f[:, t] * cell + i[:, t] * g[:, t]
+            cells.append(cell)
+        return torch.stack(cells, 1)
+
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, state: State | None = None,
-        hook: Hook | None = None,
+        hook: Hook | None = None, write: Write | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, State]:
         """idx (B, T) of character ids -> logits (B, T, V), mean loss in nats if targets, new state.
 
         `hook(layer, t, state) -> state`, if given, runs after every step of every layer (see the
-        module docstring); fused cells then run step by step too.
+        module docstring); fused cells then run step by step too. `write`: the bound unit's values
+        (a model with ModelConfig.bound_unit; without it the unit is held at 0).
         """
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
         x = self.embedding(idx)  # (B, T, E)
-        if self.fused and hook is None:
+        bound = self.config.bound_unit is not None
+        if bound and hook is None and self.config.cell == "lstm":
+            out, state = self._run_bound_lstm(x, state, write)  # the fused kernel, the unit written
+        elif self.fused and hook is None and not bound:
             out, state = self._run_fused(x, state)  # (B, T, H)
         else:
-            out, state = self._run_steps(x, state, hook)  # (B, T, H)
+            out, state = self._run_steps(x, state, self._pinned(hook, write) if bound else hook)  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
         loss = None
         if targets is not None:
@@ -414,6 +519,8 @@ class CharRNN(nn.Module):
         """
         c = self.config
         x = self.embedding(idx)  # (B, E)
+        if c.bound_unit is not None:  # held at 0 before the hook, which may write it
+            hook = self._pinned(hook, None)
         if not self.fused:
             finals = []
             for layer, cell in enumerate(self.cells):

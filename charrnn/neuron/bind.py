@@ -1,27 +1,27 @@
 """Binding (`train --sentiment-unit`): the training objective that ties unit BOUND_UNIT of the top layer to the labels.
 
-Reviews are split (seeded) into:
-- fixed reviews (`SentimentConfig.fixed` of them): at every character of one, the unit is fixed to the
-  label's value, c = +-value and h = +-tanh(value), by a model hook on the top layer: exactly what
-  `sample --sentiment` does, so the rest of the network learns to write what the fixed value says.
-  Fixing h too keeps the unit visible when its output gate would close. Fixed rows also run a
-  second time with the opposite value, and a generative-classifier loss (`contrast`) asks their
-  text to be likelier under its own label than under the other: without it the network learns to
-  ignore the unit (measured, README);
-- free reviews run with the unit left alone (never fixed, so the unit cannot pass a reading loss by
-  holding a fixed value), under one of two reading losses (logistic, logit = LOGIT_SCALE * value /
-  fixed value, on c; h for GRU/RNN):
+The unit is the model's bound unit (ModelConfig.bound_unit): the rest of the network reads its h only
+as a value written from outside, 0 unless something writes it (charrnn/model.py `Write`, or the hook
+of `sample --sentiment`). Reviews are split (seeded) into:
+- fixed reviews (`SentimentConfig.fixed` of them): at every character of one, the unit's h holds
+  +-tanh(value) for its label: exactly what `sample --sentiment` holds it at (c = +-value,
+  h = +-tanh(value)), so the rest of the network learns to write what the value says. The contrast
+  (`contrast`, on `contrast_rows` streams of the batch) runs those characters a second time with the
+  opposite value and asks their text to be likelier under its own label than under the other;
+- free reviews and unlabeled text: h holds 0, "no label" (what free sampling and the validation loss
+  see), while the unit's own cell state, which nothing else reads, learns to read the label under
+  one of two reading losses (logistic, logit = LOGIT_SCALE * value / fixed value, on c; h for GRU/RNN):
   * `read` = 0 (the default): at every character of the free reviews in the streamed batch. Cheap,
     but it settles on the prior (0) wherever the label cannot be read yet (SST-2: 51%, measured);
   * `read` = N > 0: a reading pass instead: each step also runs N labeled texts of the training
     split (their last `read_chars` characters, each from the zero state, exactly as `neuron find`
-    runs them) through the fused kernel, with the loss on the unit after the last character, where
-    `neuron find` reads. It learns to read where the per-character loss does not (README), at about
-    20% more time per step.
-Only the top layer of the streamed batch runs step by step (the layers below stay on the fused
-kernel). The checkpoint's unit record (`record()`) holds the fixed values as fix values, and the
-unit's recent values where its reading loss looked (chunk ends of free reviews, or ends of reading
-texts), by label.
+    runs them), with the loss on the unit after the last character, where `neuron find` reads.
+An LSTM trains on the fused kernel throughout (the written value enters as an input channel; see
+`CharRNN._run_bound_lstm`); other cells run their top layer step by step. Until this design the unit
+was fixed by a hook in fixed reviews and ran free elsewhere, which kept the top layer off the fused
+kernel (a third of the plain speed) and cost the language model (docs/research-log.md). The
+checkpoint's unit record (`record()`) holds the fixed values as fix values, and the unit's recent
+values where its reading loss looked (chunk ends of free reviews, or ends of reading texts), by label.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from charrnn.data import StreamBatcher, read_labeled, split
 from charrnn.errors import DataError, UsageError
 from charrnn.neuron.find import fit_logistic, fix_values_of
 from charrnn.neuron.states import unit_at_ends
-from charrnn.neuron.steer import default_state, set_unit, state_names
+from charrnn.model import Write
+from charrnn.neuron.steer import default_state, state_names
 
 BOUND_UNIT = 0  # the top-layer unit that `train --sentiment-unit` binds
 LOGIT_SCALE = 4.0  # reading losses: logit = LOGIT_SCALE * value / fixed value, so the fixed value reads as about 98% sure
@@ -115,10 +116,12 @@ class BoundObjective:
         self.spans = torch.empty(3, 0, dtype=torch.long)  # the reading pass's texts, found only when it runs
         if self.sc.read > 0 and newline is not None:
             self.spans = text_spans(train_data, train_labels, newline)
-        self._trace: list = []
         self._labels = self._free = self._read = None  # the current step's codes, free rows, reading pass
-        self._fixed = self._values = None  # (T, B) of the current step: fixed characters, their values
-        self.hook = None  # the model hook for the current step, set by before_step
+        self._values = None  # (B, T) of the current step: the values written into the unit's h
+        self._other = None  # the contrast's logits when the model ran them in the first pass
+        # the model holds the unit (ModelConfig.bound_unit); a run bound by an older charrnn, whose
+        # checkpoint did not say so, goes on bound the same way
+        model.config.bound_unit = BOUND_UNIT
         obs = (previous or {}).get("observed") if (previous or {}).get("source") == "bind" else None
         self.observed = {k: list(obs.get(k, [])) if obs else [] for k in ("positive", "negative")}
 
@@ -129,17 +132,25 @@ class BoundObjective:
         self._labels = lab
         fixed = lab >= 2  # (B, T): characters of fixed reviews
         self._free = ~fixed[:, -1]
-        device = carry[0].device
-        self._fixed = fixed.t().contiguous().to(device)  # (T, B)
-        self._values = (lab.t() % 2).to(device=device, dtype=carry[0].dtype).mul(2).sub(1) * self.sc.value
+        sign = (lab % 2).to(carry[0].dtype).mul(2).sub(1)
+        h = math.tanh(self.sc.value) if "c" in self.names else self.sc.value  # what sampling holds h at
+        self._values = torch.where(fixed, sign * h, torch.zeros_like(sign)).to(carry[0].device)
         self._read = self._reading_batch(step)
-        self._trace = []
-        self.hook = self._make_hook(self._fixed, self._values, None if self._read is not None else self._trace)
         return carry
 
     def forward(self, net, x: torch.Tensor, y: torch.Tensor, carry):
-        logits, loss, out = net(x, y, carry, hook=self.hook)
-        return loss, loss + self.extra_loss(out, x, y, carry, logits), out
+        write = Write(self._values)
+        if self.sc.contrast > 0:  # the contrast's second pass, in the same call where the model can share the layers below
+            write.rows = self._contrast_rows()
+            write.other = -self._values[write.rows]
+        logits, loss, out = net(x, y, carry, write=write)
+        self._other = write.other_logits
+        return loss, loss + self.extra_loss(write.read, x, y, carry, logits), out
+
+    def _contrast_rows(self) -> torch.Tensor:
+        """The streams the contrast runs on: the first `contrast_rows` of those inside a fixed review."""
+        fixed = (self._labels >= 2).any(1).nonzero().squeeze(1)
+        return fixed[: self.sc.contrast_rows].to(self._values.device)
 
     def record(self) -> dict:
         """The checkpoint's unit record: the fix values of a bound unit are the values training fixed
@@ -177,32 +188,9 @@ class BoundObjective:
         seqs = [[self.nl] + self.data[a:b].tolist() for a, b in zip(starts.tolist(), ends.tolist())]
         return seqs, labels.float()
 
-    def _make_hook(self, fixed: torch.Tensor, values: torch.Tensor, trace: list | None = None):
-        """The model hook that fixes the unit where `fixed` (T, B) holds, c to `values` (T, B) and h to
-        their tanh, at each step of the top layer; the layers below run on the fused kernel. With
-        `trace`, the unit's value as the cell computed it (c, or h without a cell state) is appended
-        there at every step, before any fixing: what the per-character reading loss reads."""
-        steps = fixed.any(1).tolist()
-        part = self.part
-
-        def hook(layer: int, t: int, state):
-            if layer != self.top:
-                return state
-            if trace is not None:
-                trace.append(state[part][:, BOUND_UNIT])
-            if not steps[t]:
-                return state
-            rows, v = fixed[t], values[t]
-            return tuple(
-                set_unit(s, BOUND_UNIT, torch.where(rows, (v if name == "c" else torch.tanh(v)).to(s.dtype), s[:, BOUND_UNIT]))
-                for s, name in zip(state, self.names)
-            )
-
-        hook.first_layer = self.top
-        return hook
-
-    def extra_loss(self, carry, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
-        """The binding's terms beside the language-model loss (see the module docstring)."""
+    def extra_loss(self, read: torch.Tensor, x: torch.Tensor, y: torch.Tensor, carry_in, logits: torch.Tensor) -> torch.Tensor:
+        """The binding's terms beside the language-model loss (see the module docstring); `read` (B, T) is
+        the unit's own value at every step."""
         total = logits.new_zeros((), dtype=torch.float32)
         if self._read is not None:  # the reading pass: the loss after each text's last character
             seqs, labels = self._read
@@ -210,14 +198,12 @@ class BoundObjective:
             self._observe(v.detach().cpu(), labels)
             total = total + self.sc.weight * F.binary_cross_entropy_with_logits(self._scale * v, labels.to(v.device))
         else:  # the loss at every character of the free reviews in the streamed batch
-            self._observe(carry[self.part][-1, :, BOUND_UNIT].detach().float().cpu()[self._free],
-                          self._labels[:, -1][self._free])
+            self._observe(read[:, -1].detach().float().cpu()[self._free], self._labels[:, -1][self._free])
             lab = self._labels.to(logits.device)
             known = (lab == 0) | (lab == 1)  # characters of free reviews
-            if known.any():
-                v = torch.stack(self._trace, 1).float()  # (B, T): c (h without a cell state) as computed
+            if known.any() and self.sc.weight > 0:
                 total = total + self.sc.weight * F.binary_cross_entropy_with_logits(
-                    self._scale * v[known], lab[known].float())
+                    self._scale * read.float()[known], lab[known].float())
         if self.sc.contrast > 0:
             total = total + self.sc.contrast * self._contrast(x, y, carry_in, logits)
         return total
@@ -228,12 +214,13 @@ class BoundObjective:
         The rows inside a fixed review run a second time with the unit fixed to the opposite value;
         the loss asks the text to be more likely under its own label than under the other, so the
         rest of the network must make the unit's value change what it writes."""
-        fixed = self._fixed.t()  # (B, T)
-        rows = fixed.any(1).nonzero().squeeze(1)
+        fixed = (self._labels >= 2).to(x.device)  # (B, T)
+        rows = self._contrast_rows()
         if rows.numel() == 0:
             return logits.new_zeros((), dtype=torch.float32)
-        opposite = self._make_hook(self._fixed[:, rows], -self._values[:, rows])
-        other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), hook=opposite)
+        other = self._other  # the LSTM ran it beside the first pass; other cells run it here
+        if other is None:
+            other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), write=Write(-self._values[rows]))
         mask = fixed[rows].float()
         vocab = logits.shape[-1]
         own = -F.cross_entropy(logits[rows].float().reshape(-1, vocab), y[rows].reshape(-1), reduction="none")

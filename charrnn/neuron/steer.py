@@ -12,6 +12,7 @@ import math
 import torch
 
 from charrnn.errors import CheckpointError, UsageError
+from charrnn.model import set_unit
 
 RECORD_KEY = "sentiment"  # the checkpoint entry that holds the unit record
 # Records written before "fix" became the one word for holding a unit at a value: old key -> new key.
@@ -75,11 +76,6 @@ def set_record(ck: dict, rec: dict) -> None:
 
 
 # ---------------------------------------------------------------- hooks
-
-
-def set_unit(s: torch.Tensor, unit: int, col: torch.Tensor) -> torch.Tensor:
-    """s (B, H) with column `unit` replaced by col (B,), written out of place so autograd sees it."""
-    return torch.cat([s[:, :unit], col.view(-1, 1), s[:, unit + 1 :]], 1)
 
 
 def fix_hook(unit: int, fix: dict, layer: int):
