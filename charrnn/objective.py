@@ -1,7 +1,7 @@
 """What a training step minimises: the interface the Trainer drives, and the plain language-model objective.
 
-The Trainer calls every objective the same way, every step: `before_step(step, carry) -> carry`
-right before the forward pass, then `forward(net, x, y, carry) -> (language-model loss, objective,
+The Trainer calls every objective the same way, every step: `before_step(step, carry, total_steps)
+-> carry` right before the forward pass (total_steps: the schedule's length, 0 if unknown), then `forward(net, x, y, carry) -> (language-model loss, objective,
 carry)`: the loss it reports and judges, the objective it backpropagates, and the state carried to
 the next window. When it builds a checkpoint it asks `record()` for the unit record to store (None:
 none). The other objective is charrnn.neuron.bind.BoundObjective (`train --sentiment-unit`).
@@ -15,7 +15,7 @@ import torch
 
 
 class Objective(Protocol):
-    def before_step(self, step: int, carry: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]: ...
+    def before_step(self, step: int, carry: tuple[torch.Tensor, ...], total_steps: int = 0) -> tuple[torch.Tensor, ...]: ...
 
     def forward(self, net, x: torch.Tensor, y: torch.Tensor, carry: tuple[torch.Tensor, ...]): ...
 
@@ -28,7 +28,7 @@ class LanguageModelObjective:
     def __init__(self, record: dict | None = None):
         self._record = record  # a unit record carried from the checkpoint the run started from
 
-    def before_step(self, step: int, carry):
+    def before_step(self, step: int, carry, total_steps: int = 0):
         return carry
 
     def forward(self, net, x: torch.Tensor, y: torch.Tensor, carry):

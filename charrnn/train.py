@@ -182,7 +182,7 @@ class Trainer:
             g["lr"] = lr_at(st.step, st.total_steps, cfg, st.lr_scale)
         self.recovery.poison(self.model, st.step)
         with self.precision.autocast():
-            self.carry = self.objective.before_step(st.step, self.carry)
+            self.carry = self.objective.before_step(st.step, self.carry, st.total_steps)
             loss, objective, carry = self.objective.forward(self.net, x, y, self.carry)
         self.optimizer.zero_grad(set_to_none=True)
         with self.dist.guard():  # under torchrun, DDP averages the gradients over the processes here

@@ -89,3 +89,24 @@ def test_the_second_pass_for_some_rows_equals_running_them_alone():
     m(idx, state=state, write=w)
     alone, _, _ = m(idx[rows], state=tuple(s[:, rows] for s in state), write=Write(-values[rows]))
     torch.testing.assert_close(w.other_logits, alone)
+
+
+def test_the_contrast_waits_for_the_language_model_then_rises_to_its_weight():
+    from charrnn.config import SentimentConfig
+    from charrnn.neuron.bind import contrast_weight
+
+    sc = SentimentConfig(unit=True, contrast=5.0, contrast_from=0.25)
+    weights = [contrast_weight(sc, step, 1000) for step in (0, 249, 250, 375, 500, 999)]
+    assert weights == [0.0, 0.0, 0.0, 2.5, 5.0, 5.0]
+    assert contrast_weight(sc, 10, 0) == 5.0  # the schedule's length unknown: the full weight
+    assert contrast_weight(SentimentConfig(unit=True, contrast_from=0.0), 0, 1000) == 5.0
+
+
+def test_bad_binding_settings_are_refused_in_one_line():
+    from charrnn.config import SentimentConfig, TrainConfig, validate
+    from charrnn.errors import UsageError
+
+    for bad in (dict(contrast_rows=0), dict(contrast_from=0.6), dict(contrast_from=-0.1)):
+        with pytest.raises(UsageError) as e:
+            validate(TrainConfig(sentiment=SentimentConfig(unit=True, **bad)))
+        assert "\n" not in str(e.value)

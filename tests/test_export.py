@@ -146,8 +146,8 @@ def test_neuron_commands_and_fine_tuning_take_an_export(run, trained, tmp_path):
     assert r.exit_code == 0, r.output
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_the_documented_snippet_writes_what_charrnn_samples(tmp_path, cell):
+@pytest.mark.parametrize("cell,bound", [("lstm", None), ("gru", None), ("rnn", None), ("lstm", 3)])
+def test_the_documented_snippet_writes_what_charrnn_samples(tmp_path, cell, bound):
     """The docs' torch-only script, run as a process in which charrnn cannot be imported, writes the
     same 300 characters as `charrnn sample DIR --seed 1 --length 300 --precision fp32`."""
     pytest.importorskip("safetensors")
@@ -155,7 +155,7 @@ def test_the_documented_snippet_writes_what_charrnn_samples(tmp_path, cell):
     assert not re.search(r"^\s*(import|from) charrnn", code, re.M) and len(code.strip().splitlines()) <= 32
     chars = sorted(set(make_text(2000)))
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(len(chars), cell, 2, 24, 8, 0.0))  # untrained: any weights must reproduce
+    model = CharRNN(ModelConfig(len(chars), cell, 2, 24, 8, 0.0, bound))  # untrained: any weights must reproduce
     ckm.save(tmp_path / "m.safetensors", {"model_config": model.config.to_dict(), "vocab": "".join(chars),
                                            "model": model.state_dict()})
     export_cli(tmp_path / "m.safetensors", tmp_path / "exp")

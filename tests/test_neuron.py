@@ -598,9 +598,9 @@ class Recording:
     def __init__(self, inner):
         self.inner, self.calls = inner, []
 
-    def before_step(self, step, carry):
+    def before_step(self, step, carry, total_steps=0):
         self.calls.append(("before_step", step))
-        return self.inner.before_step(step, carry)
+        return self.inner.before_step(step, carry, total_steps)
 
     def forward(self, net, x, y, carry):
         loss, objective, out = self.inner.forward(net, x, y, carry)

@@ -89,9 +89,20 @@ def char_labels(paths, total: int, fixed_frac: float = 0.0, seed: int = 0) -> to
     return labels
 
 
+def contrast_weight(sc, step: int, total_steps: int) -> float:
+    """The contrast's weight at `step` of `total_steps` (0: unknown, the full weight): off for the first
+    `contrast_from` of the run, then rising linearly to `contrast` at twice that. Until the language
+    model knows words the two passes barely differ (the loss sits at log 2) and the contrast's gradient,
+    larger than the language model's, is noise (measured: 1.6x its norm at step 500 of a 15-minute run)."""
+    if total_steps <= 0 or sc.contrast_from <= 0:
+        return sc.contrast
+    progress = step / total_steps
+    return sc.contrast * min(1.0, max(0.0, (progress - sc.contrast_from) / sc.contrast_from))
+
+
 class BoundObjective:
     """The training objective of a bound run (see the module docstring), behind the Trainer's objective
-    interface: `before_step(step, carry) -> carry`, `forward(net, x, y, carry) -> (language-model loss,
+    interface: `before_step(step, carry, total_steps) -> carry`, `forward(net, x, y, carry) -> (language-model loss,
     objective, carry)` and `record() -> dict`, the checkpoint's unit record."""
 
     def __init__(self, model, cfg, corpus: list[Path], train_data: torch.Tensor, total_chars: int,
@@ -119,6 +130,7 @@ class BoundObjective:
         self._labels = self._free = self._read = None  # the current step's codes, free rows, reading pass
         self._values = None  # (B, T) of the current step: the values written into the unit's h
         self._other = None  # the contrast's logits when the model ran them in the first pass
+        self._contrast_weight = self.sc.contrast  # this step's (see contrast_weight)
         # the model holds the unit (ModelConfig.bound_unit); a run bound by an older charrnn, whose
         # checkpoint did not say so, goes on bound the same way
         model.config.bound_unit = BOUND_UNIT
@@ -127,8 +139,9 @@ class BoundObjective:
 
     # ------------------------------------------------------------ the objective interface
 
-    def before_step(self, step: int, carry):
+    def before_step(self, step: int, carry, total_steps: int = 0):
         lab, _, _ = self.batcher.get(step)  # (B, T) codes of the input characters
+        self._contrast_weight = contrast_weight(self.sc, step, total_steps)
         self._labels = lab
         fixed = lab >= 2  # (B, T): characters of fixed reviews
         self._free = ~fixed[:, -1]
@@ -140,7 +153,7 @@ class BoundObjective:
 
     def forward(self, net, x: torch.Tensor, y: torch.Tensor, carry):
         write = Write(self._values)
-        if self.sc.contrast > 0:  # the contrast's second pass, in the same call where the model can share the layers below
+        if self._contrast_weight > 0:  # the contrast's second pass, in the same call where the model can share the layers below
             write.rows = self._contrast_rows()
             write.other = -self._values[write.rows]
         logits, loss, out = net(x, y, carry, write=write)
@@ -204,8 +217,8 @@ class BoundObjective:
             if known.any() and self.sc.weight > 0:
                 total = total + self.sc.weight * F.binary_cross_entropy_with_logits(
                     self._scale * read.float()[known], lab[known].float())
-        if self.sc.contrast > 0:
-            total = total + self.sc.contrast * self._contrast(x, y, carry_in, logits)
+        if self._contrast_weight > 0:
+            total = total + self._contrast_weight * self._contrast(x, y, carry_in, logits)
         return total
 
     def _contrast(self, x, y, carry_in, logits) -> torch.Tensor:
