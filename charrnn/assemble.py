@@ -75,6 +75,7 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
         ckpt_mod.check_payload(init, init_path)
         init["path"] = str(init_path)
     train_data, val_data, vocab, sha = _load_new_corpus(corpus, cfg, init_from, init)
+    check_available(cfg.precision, pick_device(cfg.device))  # a --precision that cannot run: before any measuring
     sizer = _sizer(cfg, len(vocab), init)
     cfg = resolve(cfg, len(train_data), time_budget(cfg), pick_device(cfg.device).type,
                   arch=init["model_config"] if init is not None else None, measure=sizer)
