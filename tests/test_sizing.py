@@ -131,3 +131,15 @@ def test_a_given_width_measures_nothing(big_corpus, tmp_path, monkeypatch):
     assert "sizing:" not in r.stderr and not cache_file().exists()
     ck = ckm.load(ckm.resolve(tmp_path / "run"))
     assert ck["model_config"]["hidden"] == 12 and ck["train"]["state"]["sizing"] is None
+
+
+def test_the_sizing_line_says_what_was_weighed_and_why():
+    from charrnn.events import SizingEvent
+    from charrnn.ui import sizing_line
+
+    e = SizingEvent(2, {128: 60_000.0, 192: 30_000.0}, {128: 64.1, 192: 14.6}, 192, 5.0, 300.0, (192,), 1.2)
+    line = sizing_line(e)
+    assert line.startswith("sizing: 2x128 60,000 chars/s (64.1/param), 2x192 30,000 chars/s")
+    assert "[measured in 1.2s, 1 cached]" in line and "chose 2x192, the widest reading at least 5 " in line
+    short = SizingEvent(2, {128: 600.0}, {128: 0.6}, 128, 5.0, 300.0, (), 0.0)
+    assert "[cached]" in sizing_line(short) and "chose 2x128, the narrowest: none reads 5 " in sizing_line(short)
