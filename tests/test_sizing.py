@@ -143,3 +143,14 @@ def test_the_sizing_line_says_what_was_weighed_and_why():
     assert "[measured in 1.2s, 1 cached]" in line and "chose 2x192, the widest reading at least 5 " in line
     short = SizingEvent(2, {128: 600.0}, {128: 0.6}, 128, 5.0, 300.0, (), 0.0)
     assert "[cached]" in sizing_line(short) and "chose 2x128, the narrowest: none reads 5 " in sizing_line(short)
+
+
+def test_a_narrower_width_timed_in_a_busy_moment_gets_the_wider_ones_speed():
+    from charrnn.sizing import cache_key, remember
+
+    cfg = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1), 10_000, 60, measure=None)
+    remember(cache_key(cfg, 8, 20), Speed(10.0, 1_000), "fp32")  # a narrow width timed while the machine was busy
+    remember(cache_key(cfg, 16, 20), Speed(50_000.0, 3_000), "fp32")
+    sizer = Sizer(vocab_size=20, budget_s=3600)
+    speeds = sizer(cfg, [8, 16])
+    assert sizer.timed == [] and speeds[8] == Speed(50_000.0, 1_000) and speeds[16] == Speed(50_000.0, 3_000)
