@@ -15,13 +15,14 @@ from charrnn.data import StreamBatcher, Vocab, encode, join_encoded, split
 from charrnn.device import Precision, pick_device, setup_distributed
 from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, UsageError
-from charrnn.events import TrainEvents, WarnEvent
+from charrnn.events import SizingEvent, TrainEvents, WarnEvent
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.objective import LanguageModelObjective, Objective
 from charrnn.precision import Choice, check_available, choose, for_resume
 from charrnn.runfolder import RunFolder, default_run_dir, newest_checkpoint, refuse_existing_run
 from charrnn.runlock import check_free
 from charrnn.runstate import RunState
+from charrnn.sizing import Sizer
 
 
 @dataclass
@@ -74,9 +75,14 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
         ckpt_mod.check_payload(init, init_path)
         init["path"] = str(init_path)
     train_data, val_data, vocab, sha = _load_new_corpus(corpus, cfg, init_from, init)
+    check_available(cfg.precision, pick_device(cfg.device))  # a --precision that cannot run: before any measuring
+    sizer = _sizer(cfg, len(vocab), init)
     cfg = resolve(cfg, len(train_data), time_budget(cfg), pick_device(cfg.device).type,
-                  arch=init["model_config"] if init is not None else None)
+                  arch=init["model_config"] if init is not None else None, measure=sizer)
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
+    if sizer is not None and sizer.speeds:
+        state.sizing = sizer.record(cfg.hidden)
+        events.on_sizing(_sizing_event(cfg, state.sizing))
     start = Start(cfg, corpus, sha, vocab, train_data, val_data, state,
                   ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout,
                               _bound_unit(cfg, init)),
@@ -97,6 +103,22 @@ def _bound_unit(cfg: TrainConfig, init: dict | None) -> int | None:
 
         return BOUND_UNIT
     return (init or {}).get("model_config", {}).get("bound_unit")
+
+
+def _sizer(cfg: TrainConfig, vocab_size: int, init: dict | None) -> Sizer | None:
+    """The measurement of this machine's speed that sizes a new CPU run with a time budget (charrnn/sizing.py);
+    None where the width is not the run's to choose by speed (--init-from's, a GPU's table) or where the
+    processes of a torchrun job could measure differently (the reference CPU's speeds choose for all of them)."""
+    budget = time_budget(cfg)
+    if budget is None or init is not None or pick_device(cfg.device).type != "cpu" or Dist.from_env().enabled:
+        return None
+    return Sizer(vocab_size, budget)
+
+
+def _sizing_event(cfg: TrainConfig, record: dict) -> SizingEvent:
+    return SizingEvent(cfg.layers, {int(h): v for h, v in record["chars_per_s"].items()},
+                       {int(h): v for h, v in record["chars_per_param"].items()}, record["hidden"],
+                       record["rule_chars_per_param"], record["budget_s"], tuple(record["timed"]), record["seconds"])
 
 
 def _load_new_corpus(corpus: list[Path], cfg: TrainConfig, init_from: Path | None, init: dict | None):

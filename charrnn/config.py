@@ -7,10 +7,12 @@ and the length of the run (see the README's "How the defaults were chosen").
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable
 
-from charrnn.errors import UsageError
+from charrnn.errors import CharRNNError, UsageError
 
 DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
 # Peak learning rate of a 256-unit model, smaller for wider ones by sqrt(256 / hidden) (the usual
@@ -194,13 +196,15 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)} (got {cfg.precision!r})")
 
 
-# Width by time budget, measured on a 2-core CPU (see README): the largest model that still
-# sees enough characters in the budget to beat a smaller one.
-SIZE_BY_BUDGET = [  # (budget seconds up to, hidden)
-    (900, 256),
-    (3600, 384),
-    (float("inf"), 512),
-]
+# Widths a run with a time budget chooses among on a CPU (charrnn/sizing.py times them on the machine itself);
+# $CHARRNN_WIDTHS (comma-separated) replaces them, e.g. tiny ones in tests.
+WIDTHS = (128, 192, 256, 384, 512, 768)
+WIDTHS_ENV = "CHARRNN_WIDTHS"
+# The rule: the widest width that reads at least this many training characters per parameter in the budget.
+# Fitted on the runs behind the old table (docs/training.md, "How the defaults were chosen"): on the 2-core
+# reference CPU (2x256 21,000 chars/s, 2x384 10,500, 2x512 6,000) its crossovers, 384 from 15 minutes and
+# 512 from an hour, fell at 3.9 and 5.1 characters per parameter; 5 keeps the hour and moves the first to 19 min.
+CHARS_PER_PARAM = 5.0
 # On a CUDA GPU a step of a wider model costs little more than a narrow one (the recurrence is
 # latency-bound), so the GPU gets more streams and more width for the same budget (README: "On a GPU").
 GPU_SIZE_BY_BUDGET = [(900, 512), (float("inf"), 1024)]
@@ -219,12 +223,17 @@ def time_budget(cfg: TrainConfig) -> float | None:
 
 
 def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu",
-            arch: dict | None = None) -> TrainConfig:
+            arch: dict | None = None, measure: "Measure | None" = None) -> TrainConfig:
     """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device.
 
     `arch` is the model_config of an --init-from checkpoint: its cell and sizes replace the asked-for
     ones first, so the learning rate (and anything else sized by the width) is chosen for the width
     that will actually train; its dropout too, unless one was given.
+
+    A CPU run's width is the rule's (`width_for`) on the candidates that fit the corpus. `measure(cfg,
+    widths)` gives their speeds on this machine (charrnn/sizing.py); it is asked only for a run with a
+    time budget that has a choice to make, and otherwise (or when it measured nothing) the reference
+    CPU's speeds stand in. The chosen width's measured speed also sizes the dropout.
     """
     if arch is not None:
         cfg = replace(cfg, **{k: arch[k] for k in ("cell", "layers", "hidden", "embed")},
@@ -237,24 +246,82 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
         patience=cfg.patience if cfg.patience is not None else
         DEFAULT_PATIENCE if cfg.steps is None and cfg.epochs is None else 0,
     )
-    if out.hidden is None:
-        out = replace(out, hidden=_hidden_for(out.layers, train_chars, budget_s, device_type))
+    measured: dict[int, Speed] = {}
+    if out.hidden is None and device_type == "cuda":
+        out = replace(out, hidden=_gpu_hidden(out.layers, train_chars, budget_s))
+    elif out.hidden is None:
+        widths = candidate_widths(out.layers, train_chars)
+        if measure is not None and budget_s is not None and len(widths) > 1:
+            measured = measure(out, widths)
+        speeds = measured or reference_speeds(out, widths)
+        out = replace(out, hidden=width_for(speeds, budget_s if budget_s is not None else DEFAULT_TIME_S))
     if out.lr is None:
         out = replace(out, lr=round(min(BASE_LR, BASE_LR * math.sqrt(256 / out.hidden)), 6))
     if out.dropout is None:
-        epochs = expected_epochs(out, train_chars, budget_s, device_type)
+        speed = measured.get(out.hidden)
+        epochs = expected_epochs(out, train_chars, budget_s, device_type, speed.chars_per_s if speed else None)
         out = replace(out, dropout=next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit))
     return out
 
 
-def _hidden_for(layers: int, train_chars: int, budget_s: float | None, device_type: str) -> int:
+def _gpu_hidden(layers: int, train_chars: int, budget_s: float | None) -> int:
+    """The GPU's width: from its table by the budget, capped for a small corpus."""
     budget = budget_s if budget_s is not None else DEFAULT_TIME_S
-    table = GPU_SIZE_BY_BUDGET if device_type == "cuda" else SIZE_BY_BUDGET
-    hidden = next(h for limit, h in table if budget <= limit)
-    # a small corpus does not need (and overfits) a wide model: at most about 8 weights per character
-    while hidden > 128 and hidden * hidden * 8 * layers > 8 * train_chars:
+    hidden = next(h for limit, h in GPU_SIZE_BY_BUDGET if budget <= limit)
+    while hidden > 128 and not fits_corpus(hidden, layers, train_chars):
         hidden //= 2
     return hidden
+
+
+def fits_corpus(hidden: int, layers: int, train_chars: int) -> bool:
+    """A small corpus does not need (and overfits) a wide model: at most about 8 weights per character
+    (8 h^2 per layer); 128 units always fit."""
+    return hidden <= 128 or hidden * hidden * 8 * layers <= 8 * train_chars
+
+
+def candidate_widths(layers: int, train_chars: int) -> list[int]:
+    """The widths a CPU run may choose among for this corpus, narrowest first ($CHARRNN_WIDTHS or WIDTHS)."""
+    text = os.environ.get(WIDTHS_ENV, "").strip()
+    widths = WIDTHS
+    if text:
+        try:
+            widths = tuple(int(w) for w in text.split(","))
+        except ValueError:
+            widths = ()
+        if not widths or not all(1 <= w <= MAX_SIZE for w in widths):
+            raise CharRNNError(f"${WIDTHS_ENV} must be widths separated by commas, like 128,256,512 (got {text[:40]!r})")
+    return sorted({w for w in widths if fits_corpus(w, layers, train_chars)}) or [min(widths)]
+
+
+Measure = Callable[["TrainConfig", list[int]], "dict[int, Speed]"]  # (partly resolved config, widths) -> speeds
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A width's training speed: what the rule weighs."""
+
+    chars_per_s: float
+    params: int
+
+
+def chars_per_param(speed: Speed, budget_s: float) -> float:
+    return budget_s * speed.chars_per_s / max(speed.params, 1)
+
+
+def width_for(speeds: dict[int, Speed], budget_s: float) -> int:
+    """The rule: the widest width that reads at least CHARS_PER_PARAM training characters per parameter
+    in the budget; the narrowest when none does."""
+    fit = [h for h, s in speeds.items() if chars_per_param(s, budget_s) >= CHARS_PER_PARAM]
+    return max(fit) if fit else min(speeds)
+
+
+def reference_speeds(cfg: "TrainConfig", widths: list[int]) -> dict[int, Speed]:
+    """The speeds of the 2-core reference CPU (REFERENCE_CHAR_PARAMS_PER_S), for a run that measures none."""
+    out = {}
+    for h in widths:
+        params = param_count(cfg.cell, cfg.layers, h, cfg.embed)
+        out[h] = Speed(REFERENCE_CHAR_PARAMS_PER_S / params, params)
+    return out
 
 
 # chars/s x parameters of training, measured on the 2-core reference CPU for LSTMs of 2x256 to
@@ -268,14 +335,21 @@ DROPOUT_BY_EPOCHS = [(8, 0.0), (20, 0.1), (50, 0.2), (float("inf"), 0.3)]  # (ex
 GATES = {"lstm": 4, "peephole": 4, "coupled": 3, "mlstm": 4, "gru": 3, "rnn": 1}
 
 
-def expected_epochs(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu") -> float:
-    """About how many passes over the training text the run will make."""
+def param_count(cell: str, layers: int, hidden: int, embed: int = 0) -> int:
+    """About how many weights the recurrent layers of this shape have (the embedding and head left out)."""
+    g, e = GATES.get(cell, 4), embed or hidden
+    return g * hidden * (e + hidden + 2) + (layers - 1) * g * hidden * (2 * hidden + 2)
+
+
+def expected_epochs(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu",
+                    chars_per_s: float | None = None) -> float:
+    """About how many passes over the training text the run will make (at `chars_per_s` when measured)."""
     if cfg.steps is not None:
         return cfg.steps * cfg.batch_size * cfg.seq_len / max(train_chars, 1)
     if cfg.epochs is not None:
         return cfg.epochs
     budget = budget_s if budget_s is not None else DEFAULT_TIME_S
-    h, e = cfg.hidden, cfg.embed or cfg.hidden
-    params = GATES.get(cfg.cell, 4) * h * (e + h + 2) + (cfg.layers - 1) * GATES.get(cfg.cell, 4) * h * (2 * h + 2)
-    chars_per_s = GPU_CHARS_PER_S if device_type == "cuda" else REFERENCE_CHAR_PARAMS_PER_S / max(params, 1)
+    if chars_per_s is None:
+        params = param_count(cfg.cell, cfg.layers, cfg.hidden, cfg.embed)
+        chars_per_s = GPU_CHARS_PER_S if device_type == "cuda" else REFERENCE_CHAR_PARAMS_PER_S / max(params, 1)
     return budget * chars_per_s / max(train_chars, 1)

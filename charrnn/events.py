@@ -32,6 +32,21 @@ class StartEvent:
 
 
 @dataclass(frozen=True)
+class SizingEvent:
+    """A new CPU run with a time budget and no --hidden chose its width from this machine's speeds
+    (charrnn/sizing.py), before it was built; the run keeps the same in its RunState.sizing."""
+
+    layers: int
+    chars_per_s: dict[int, float]  # training speed by width, narrowest first: those the rule weighed
+    chars_per_param: dict[int, float]  # the training characters per parameter each would read in the budget
+    hidden: int  # the width chosen: the widest with at least `rule` characters per parameter
+    rule: float  # config.CHARS_PER_PARAM
+    budget_s: float
+    timed: tuple[int, ...]  # the widths timed now; the others' speeds came from the cache
+    seconds: float  # what the measurement took
+
+
+@dataclass(frozen=True)
 class StepEvent:
     """Every LOG_EVERY steps (and at the last): the training loss and speed, as metrics.jsonl records them."""
 
@@ -111,6 +126,9 @@ class EndEvent:
 
 class TrainEvents:
     """Receives a run's events; every method is a no-op until a subclass overrides it."""
+
+    def on_sizing(self, e: SizingEvent) -> None:
+        pass
 
     def on_start(self, e: StartEvent) -> None:
         pass

@@ -35,6 +35,9 @@ class RunState:
     # the precision the run trains in ("fp32", "bf16" or "fp16"), chosen once from --precision when it
     # starts (auto measures), so a resume trains as it did; None: a run from before it was kept here
     precision: str | None = None
+    # a CPU run that chose its width from this machine's measured speeds: what it measured and chose
+    # (sizing.Sizer.record); None: the width was given, inherited or chosen without measuring
+    sizing: dict | None = None
 
     @classmethod
     def start(cls, cfg: TrainConfig, batches_per_epoch: int) -> "RunState":

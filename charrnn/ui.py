@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from charrnn.events import EndEvent, EvalEvent, RollbackEvent, StartEvent, StepEvent, TrainEvents, WarnEvent
+from charrnn.events import (EndEvent, EvalEvent, RollbackEvent, SizingEvent, StartEvent, StepEvent, TrainEvents,
+                            WarnEvent)
 
 err = Console(stderr=True, highlight=False)
 
@@ -57,6 +58,18 @@ def lr_note(scale: float) -> str:
     return f"  [yellow]lr x{scale:.3g}[/]" if scale < 1.0 else ""
 
 
+def sizing_line(e: SizingEvent) -> str:
+    """'sizing: 2x128 61,200 chars/s (183.6/param), ... [measured in 2.1s]; chose 2x256, the widest ...' (one line)."""
+    speeds = ", ".join(f"{e.layers}x{h} {cps:,.0f} chars/s ({e.chars_per_param[h]:,.1f}/param)"
+                       for h, cps in e.chars_per_s.items())
+    how = f"measured in {e.seconds:.1f}s" if e.timed else "cached"
+    if len(e.timed) not in (0, len(e.chars_per_s)):
+        how += f", {len(e.chars_per_s) - len(e.timed)} cached"
+    why = ("the widest reading at least" if e.chars_per_param[e.hidden] >= e.rule else "the narrowest: none reads")
+    return (f"sizing: {speeds} [{how}]; chose {e.layers}x{e.hidden}, {why} {e.rule:g} training chars per "
+            f"parameter in {fmt_duration(e.budget_s)}")
+
+
 class TrainDisplay(TrainEvents):
     """The training events' receiver: a progress bar on a terminal, plain evaluation lines otherwise."""
 
@@ -76,6 +89,9 @@ class TrainDisplay(TrainEvents):
             console=err,
             transient=False,
         )
+
+    def on_sizing(self, e: SizingEvent) -> None:
+        info(sizing_line(e), self.quiet)
 
     def on_start(self, e: StartEvent) -> None:
         c = e.config

@@ -1,0 +1,156 @@
+"""A CPU run's width from this machine's measured speed: the rule, the measurement and its cache, and a run that uses them."""
+
+import pytest
+
+from charrnn import checkpoint as ckm
+from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, resolve,
+                            width_for)
+from charrnn.errors import CharRNNError
+from charrnn.model import CharRNN, ModelConfig
+from charrnn.sizing import Sizer, cache_file
+
+from conftest import cut_after, make_text, run_cli
+
+# the 2-core reference CPU's speeds behind the old table (2x256, 2x384, 2x512; docs/training.md)
+OLD_SPEEDS = {256: 21_000, 384: 10_500, 512: 6_000}
+# a shape small enough to time in milliseconds
+TINY_SHAPE = ["--layers", "1", "--seq-len", "16", "--batch-size", "8", "--threads", "1", "--eval-sample-len", "0"]
+
+
+def _speeds(chars_per_s: dict[int, float], scale: float = 1.0) -> dict[int, Speed]:
+    return {h: Speed(cps * scale, CharRNN(ModelConfig(65, "lstm", 2, h)).num_params()) for h, cps in chars_per_s.items()}
+
+
+def test_rule_reproduces_the_old_table_on_the_old_machines_speeds():
+    old = _speeds(OLD_SPEEDS)
+    assert [width_for(old, b) for b in (5 * 60, 30 * 60, 2 * 3600)] == [256, 384, 512]
+
+
+def test_a_machine_twice_as_fast_gets_a_wider_model():
+    old, fast = _speeds(OLD_SPEEDS), _speeds(OLD_SPEEDS, 2.0)
+    for budget in (15 * 60, 30 * 60):
+        assert width_for(fast, budget) > width_for(old, budget), budget
+    assert all(width_for(fast, b) >= width_for(old, b) for b in (60, 300, 3600, 7200))
+    # the chosen width reads at least the rule's characters per parameter; the next one wider does not
+    h = width_for(fast, 900)
+    assert chars_per_param(fast[h], 900) >= CHARS_PER_PARAM > chars_per_param(fast[min(w for w in fast if w > h)], 900)
+
+
+def test_a_budget_too_short_for_every_width_gets_the_narrowest():
+    assert width_for(_speeds(OLD_SPEEDS), 1.0) == 256
+
+
+def test_small_corpus_cap_limits_the_candidates_and_nothing_is_measured_without_a_choice():
+    assert candidate_widths(2, 20_000) == [128]
+    assert candidate_widths(2, 100_000) == [128, 192]
+    assert candidate_widths(1, 1_000_000)[-1] == 768
+    calls = []
+
+    def measure(cfg, widths):
+        calls.append(widths)
+        return {h: Speed(1e9, h * h) for h in widths}  # absurdly fast: the widest that fits
+
+    assert resolve(TrainConfig(), 20_000, 300, measure=measure).hidden == 128 and calls == []
+    assert resolve(TrainConfig(), 100_000, 300, measure=measure).hidden == 192 and calls == [[128, 192]]
+    # a given width, an --init-from's width, a GPU and a run without a budget never measure
+    resolve(TrainConfig(hidden=64), 10**6, 300, measure=measure)
+    resolve(TrainConfig(), 10**6, 300, arch=dict(cell="lstm", layers=1, hidden=64, embed=0, dropout=0.0), measure=measure)
+    resolve(TrainConfig(), 10**6, 300, "cuda", measure=measure)
+    resolve(TrainConfig(steps=10), 10**6, None, measure=measure)
+    assert calls == [[128, 192]]
+
+
+def test_measured_speed_sizes_the_dropout_too():
+    """Many passes over the corpus (a fast machine, a small corpus) call for dropout: the measured speed says how many."""
+    slow = resolve(TrainConfig(), 100_000, 300, measure=lambda cfg, ws: {h: Speed(1_000.0, h * h * 8) for h in ws})
+    fast = resolve(TrainConfig(), 100_000, 300, measure=lambda cfg, ws: {h: Speed(1e7, h * h * 8) for h in ws})
+    assert slow.dropout == 0.0 and fast.dropout > 0.0
+
+
+def test_widths_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CHARRNN_WIDTHS", "32,16")
+    assert candidate_widths(2, 1000) == [16, 32]
+    monkeypatch.setenv("CHARRNN_WIDTHS", "16,wide")
+    with pytest.raises(CharRNNError, match="CHARRNN_WIDTHS"):
+        candidate_widths(2, 1000)
+
+
+def test_speeds_are_cached_per_machine_and_shape():
+    cfg = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1), 10_000, 60, measure=None)
+    first = Sizer(vocab_size=20, budget_s=3600)
+    speeds = first(cfg, [8, 16])
+    assert first.timed == [8, 16] and set(speeds) == {8, 16} and cache_file().exists()
+    second = Sizer(vocab_size=20, budget_s=3600)
+    assert second(cfg, [8, 16]) == speeds and second.timed == []  # nothing timed: all from the cache
+    other = Sizer(vocab_size=20, budget_s=3600)  # another shape (batch) is another entry
+    from dataclasses import replace
+
+    other(replace(cfg, batch_size=5), [8])
+    assert other.timed == [8]
+
+
+def test_measurement_stops_at_the_first_width_the_budget_is_too_short_for():
+    cfg = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1), 10_000, 60, measure=None)
+    sizer = Sizer(vocab_size=20, budget_s=1e-6)
+    assert list(sizer(cfg, [8, 16, 32])) == [8] and sizer.timed == [8]
+
+
+@pytest.fixture
+def big_corpus(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text(make_text(40_000))
+    return p
+
+
+def test_a_time_budget_run_measures_chooses_and_keeps_its_shape_on_resume(big_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARRNN_WIDTHS", "8,16,24")
+    r = run_cli("train", big_corpus, "--time", "3s", *TINY_SHAPE, "--eval-every", "10", "--keep", "50", "--run", "run")
+    assert r.exit_code == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if x.startswith("sizing:"))
+    ck = ckm.load(ckm.resolve(tmp_path / "run"))
+    sizing = ck["train"]["state"]["sizing"]
+    hidden = ck["model_config"]["hidden"]
+    assert sizing["hidden"] == hidden == ck["train"]["config"]["hidden"] and hidden in (8, 16, 24)
+    assert set(sizing["chars_per_s"]) <= {"8", "16", "24"} and "8" in sizing["chars_per_s"]
+    assert sizing["timed"] and f"chose 1x{hidden}" in line and "chars/s" in line
+    # resumed: no new measurement (a fresh cache stays empty), the same shape and record
+    steps = [i.step for i in ckm.list_checkpoints(tmp_path / "run")]
+    cut_after(tmp_path / "run", steps[0])
+    monkeypatch.setenv("CHARRNN_CACHE", str(tmp_path / "fresh-cache"))
+    r = run_cli("train", "--resume", "run")
+    assert r.exit_code == 0, r.stderr
+    assert "sizing:" not in r.stderr and not cache_file().exists()
+    after = ckm.load(ckm.resolve(tmp_path / "run"))
+    assert after["model_config"] == ck["model_config"] and after["train"]["state"]["sizing"] == sizing
+
+
+def test_a_given_width_measures_nothing(big_corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("CHARRNN_WIDTHS", "8,16,24")
+    r = run_cli("train", big_corpus, "--time", "1s", "--hidden", "12", *TINY_SHAPE, "--run", "run")
+    assert r.exit_code == 0, r.stderr
+    assert "sizing:" not in r.stderr and not cache_file().exists()
+    ck = ckm.load(ckm.resolve(tmp_path / "run"))
+    assert ck["model_config"]["hidden"] == 12 and ck["train"]["state"]["sizing"] is None
+
+
+def test_the_sizing_line_says_what_was_weighed_and_why():
+    from charrnn.events import SizingEvent
+    from charrnn.ui import sizing_line
+
+    e = SizingEvent(2, {128: 60_000.0, 192: 30_000.0}, {128: 64.1, 192: 14.6}, 192, 5.0, 300.0, (192,), 1.2)
+    line = sizing_line(e)
+    assert line.startswith("sizing: 2x128 60,000 chars/s (64.1/param), 2x192 30,000 chars/s")
+    assert "[measured in 1.2s, 1 cached]" in line and "chose 2x192, the widest reading at least 5 " in line
+    short = SizingEvent(2, {128: 600.0}, {128: 0.6}, 128, 5.0, 300.0, (), 0.0)
+    assert "[cached]" in sizing_line(short) and "chose 2x128, the narrowest: none reads 5 " in sizing_line(short)
+
+
+def test_a_narrower_width_timed_in_a_busy_moment_gets_the_wider_ones_speed():
+    from charrnn.sizing import cache_key, remember
+
+    cfg = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1), 10_000, 60, measure=None)
+    remember(cache_key(cfg, 8, 20), Speed(10.0, 1_000), "fp32")  # a narrow width timed while the machine was busy
+    remember(cache_key(cfg, 16, 20), Speed(50_000.0, 3_000), "fp32")
+    sizer = Sizer(vocab_size=20, budget_s=3600)
+    speeds = sizer(cfg, [8, 16])
+    assert sizer.timed == [] and speeds[8] == Speed(50_000.0, 1_000) and speeds[16] == Speed(50_000.0, 3_000)
