@@ -44,8 +44,9 @@ class SentimentConfig:
 
     unit: bool = False  # bind unit 0 of the top layer to the labels of a labeled TSV corpus
     contrast: float = 5.0  # weight of the generative-classifier loss on fixed reviews; 0: off
-    contrast_from: float = 0.25  # the contrast is off for this share of the run's steps, at full weight from twice it
-    contrast_rows: int = 8  # the contrast's second pass runs this many streams of the batch (the first ones in a fixed review)
+    contrast_from: float = 0.1  # the contrast is off for this share of the run's steps, at full weight from twice it
+    contrast_rows: int | None = None  # the contrast's second pass runs this many streams of the batch (the first
+    # ones in a fixed review); None: all of them (fewer were noisier and cost the language model more: research log)
     fixed: float = 0.75  # share of reviews whose unit is fixed to the label at every character
     read: int = 0  # 0: the reading loss is at every character of free reviews; N: a reading pass
     # of N labeled texts per step, with the loss after each one's last character
@@ -186,7 +187,8 @@ def validate(cfg: TrainConfig) -> None:
     sc = cfg.sentiment
     if sc.read < 0 or sc.read_chars < 1:
         raise UsageError("sentiment reading needs a batch >= 0 and at least 1 character per text")
-    if sc.weight < 0 or sc.contrast < 0 or not 0.0 <= sc.fixed <= 1.0 or sc.value <= 0 or sc.contrast_rows < 1 \
+    rows_ok = sc.contrast_rows is None or sc.contrast_rows >= 1
+    if sc.weight < 0 or sc.contrast < 0 or not 0.0 <= sc.fixed <= 1.0 or sc.value <= 0 or not rows_ok \
             or not 0.0 <= sc.contrast_from <= 0.5:
         raise UsageError("sentiment binding needs weight >= 0, fixed fraction in [0, 1], fixed value > 0 "
                          "at least 1 contrast row and the contrast starting within the first half")

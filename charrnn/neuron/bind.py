@@ -163,7 +163,7 @@ class BoundObjective:
     def _contrast_rows(self) -> torch.Tensor:
         """The streams the contrast runs on: the first `contrast_rows` of those inside a fixed review."""
         fixed = (self._labels >= 2).any(1).nonzero().squeeze(1)
-        return fixed[: self.sc.contrast_rows].to(self._values.device)
+        return fixed[: self.sc.contrast_rows].to(self._values.device)  # [:None]: all
 
     def record(self) -> dict:
         """The checkpoint's unit record: the fix values of a bound unit are the values training fixed
