@@ -135,12 +135,12 @@ def main() -> None:
     from charrnn import neuron as sm
     from charrnn.checkpoint import load_model
     from charrnn.data import iter_corpus_text, read_labeled
-    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, generate
+    from charrnn.sample import SampleConfig, generate, sentiment_guidance
 
-    if args.guidance is None:  # what `sample --sentiment` does by default
-        args.guidance = SENTIMENT_GUIDANCE
     t0 = time.perf_counter()
     model, vocab, ck = load_model(args.checkpoint)
+    if args.guidance is None:  # what `sample --sentiment` does by default
+        args.guidance = sentiment_guidance(model)
     rec = sm.get_record(ck)
     if args.value is not None:  # as `sample --sentiment S --value V`, with V's sign taken from the record
         side = 1.0 if rec["fix_values"]["positive"] >= rec["fix_values"]["negative"] else -1.0

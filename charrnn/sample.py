@@ -22,6 +22,16 @@ from charrnn.stops import StopStrings, check_stops
 # +37 (VADER) / +26 (AFINN) points, real reviews by +28 / +32; 0.25 by +48 / +35 (seed 2: +50 / +41), at
 # 0.08 nats/char more under the unit-free model; 0.5 by +59 / +53 and less fluent.
 SENTIMENT_GUIDANCE = 0.25
+# The same for a unit bound by today's `train --sentiment-unit` (a model with ModelConfig.bound_unit):
+# on the issue-19 recipe's model (200-400 samples per side, temperature 0.8) 0 separated by +15 / +5,
+# 0.25 by +27 / +18, 0.5 by +29 / +26 and 1 by +51 / +48 points, real reviews by +36 / +37, with
+# 0.74-0.79 real words at 1 against 0.79-0.80 at 0.25 (0.75 for the unit-free samples) and no soup.
+BOUND_GUIDANCE = 1.0
+
+
+def sentiment_guidance(model) -> float:
+    """--sentiment's guidance when --guidance is not given, for this model (a CharRNN)."""
+    return BOUND_GUIDANCE if model.config.bound_unit is not None else SENTIMENT_GUIDANCE
 # --guidance contrasts the two streams only over the characters the own stream gives at least this
 # fraction of its likeliest character's probability (see guided_logits).
 GUIDANCE_PLAUSIBLE = 0.05

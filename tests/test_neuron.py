@@ -314,14 +314,24 @@ def test_sample_guidance_through_cli(bound):
     assert len(r.stdout.splitlines()) == 3
     r = run_cli(*args, "--guidance", "1")
     assert r.exit_code == 2 and "--guidance" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    # --sentiment guides by default (SENTIMENT_GUIDANCE); --guidance 0 is plain fixing
-    from charrnn.sample import SENTIMENT_GUIDANCE
+    # --sentiment guides by default (BOUND_GUIDANCE for a bound unit); --guidance 0 is plain fixing
+    from charrnn.sample import BOUND_GUIDANCE, SENTIMENT_GUIDANCE
 
     default = run_cli(*args, "--sentiment", "positive")
-    same = run_cli(*args, "--sentiment", "positive", "--guidance", str(SENTIMENT_GUIDANCE))
+    same = run_cli(*args, "--sentiment", "positive", "--guidance", str(BOUND_GUIDANCE))
+    found_default = run_cli(*args, "--sentiment", "positive", "--guidance", str(SENTIMENT_GUIDANCE))
     plain = run_cli(*args, "--sentiment", "positive", "--guidance", "0")
-    assert default.exit_code == same.exit_code == plain.exit_code == 0
+    assert default.exit_code == same.exit_code == plain.exit_code == found_default.exit_code == 0
     assert default.stdout == same.stdout != plain.stdout
+    assert default.stdout != found_default.stdout
+
+
+def test_a_found_unit_keeps_the_lighter_default_guidance():
+    from charrnn.sample import BOUND_GUIDANCE, SENTIMENT_GUIDANCE, sentiment_guidance
+
+    found = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1))
+    bound = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1, bound_unit=0))
+    assert sentiment_guidance(found) == SENTIMENT_GUIDANCE < sentiment_guidance(bound) == BOUND_GUIDANCE
 
 
 def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,11 +31,11 @@ def sample(
     jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per sample: {"text": ...}.')] = False,
     device: RunDevice = Device.cpu,
     dir: Annotated[Path, typer.Option("--dir", help="Where runs live, when no checkpoint is named.")] = HOME,
-    sentiment: Annotated[Optional[Sentiment], typer.Option(help="Fix the checkpoint's sentiment unit at its positive or negative value, every step (guided by 0.25 unless --guidance says otherwise).", show_default=False)] = None,
+    sentiment: Annotated[Optional[Sentiment], typer.Option(help="Fix the checkpoint's sentiment unit at its positive or negative value, every step (guided by 1 for a unit bound by train --sentiment-unit, 0.25 for a found one, unless --guidance says otherwise).", show_default=False)] = None,
     neuron: Annotated[Optional[int], typer.Option(min=0, help="Fix this top-layer unit (with --value).", show_default=False)] = None,
     value: Annotated[Optional[float], typer.Option(help="The value --neuron is fixed at (with --sentiment: instead of the stored one).", show_default=False)] = None,
     state: Annotated[Optional[StateKind], typer.Option(help="State fixed: c (cell) or h (hidden) \\[default: c for LSTM-like cells, h for GRU/RNN].", show_default=False)] = None,
-    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from log p_own + G * (log p_own - log p_opposite) among the characters the own stream finds plausible; 0 = plain fixing \\[default: 0.25 with --sentiment, else 0].", show_default=False)] = None,
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="With --sentiment or --neuron: also run each sample with the unit fixed the opposite way and draw from log p_own + G * (log p_own - log p_opposite) among the characters the own stream finds plausible; 0 = plain fixing \\[default with --sentiment: 1 for a unit bound by train --sentiment-unit, 0.25 for a found one; else 0].", show_default=False)] = None,
     precision: Annotated[Precision, typer.Option(help="Weights and states while sampling: auto = the faster of fp32 and bf16, timed on this model and batch once and cached per machine (on a CPU without native bf16 only for models of 1M+ parameters); fp32 on a GPU.")] = Precision.auto,
 ):
     """Generate text from a checkpoint. Text goes to stdout as it is generated."""
@@ -43,11 +44,11 @@ def sample(
     from charrnn.config import check_finite
     from charrnn.api import load
     from charrnn.data import Vocab
-    from charrnn.sample import SENTIMENT_GUIDANCE, SampleConfig, clean_prime, generate, stream_chars, validate
+    from charrnn.sample import SampleConfig, clean_prime, generate, sentiment_guidance, stream_chars, validate
 
     check_finite(value=value)
-    if guidance is None:
-        guidance = SENTIMENT_GUIDANCE if sentiment is not None else 0.0
+    default_guidance = guidance is None  # --sentiment's guidance depends on the model: set once it is loaded
+    guidance = guidance or 0.0
     prime = read_prime(prime, prime_file)
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
                        precision=precision.value, guidance=guidance, stop=tuple(unescape(s) for s in stop or ()),
@@ -55,6 +56,9 @@ def sample(
     validate(cfg)
     m = load(checkpoint, device.value, home=dir, on_warn=_warn)
     model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
+    if default_guidance and sentiment is not None:
+        guidance = sentiment_guidance(model)
+        cfg = dataclasses.replace(cfg, guidance=guidance)
     hook = None
     if sentiment is not None or neuron is not None or value is not None or state is not None or guidance > 0:
         from charrnn.neuron.steer import steering_hook
