@@ -30,6 +30,17 @@ def cache_dir() -> Path:
     return Path(base) / "charrnn"
 
 
+# Measurements of this machine kept beside the corpora, each in a folder of its own (listing treats
+# every top-level *.json as a corpus entry): training widths' speeds (charrnn/sizing.py) and
+# sampling's precision choice (charrnn/sampleprecision.py). `clear` deletes them too, so a
+# measurement taken in a busy moment is taken again.
+MEASUREMENTS = {"sizing": "speeds.json", "precision": "sample.json"}
+
+
+def measurement_file(kind: str) -> Path:
+    return cache_dir() / kind / MEASUREMENTS[kind]
+
+
 def _paths(sha256: str, errors: str) -> tuple[Path, Path]:
     key = f"v{CACHE_VERSION}-{sha256[:32]}-{errors}"
     cdir = cache_dir()
@@ -181,6 +192,14 @@ def clear() -> Cleared:
     cdir = cache_dir()
     if not cdir.is_dir():
         return Cleared(0, 0, 0)
+    for kind in MEASUREMENTS:
+        try:
+            p = measurement_file(kind)
+            n = p.stat().st_size
+            p.unlink()
+        except OSError:
+            continue
+        files, size = files + 1, size + n
     temps = set(_temp_files())
     for p in sorted(cdir.iterdir()):
         if not p.is_file() or (p.suffix not in (".bin", ".json") and p not in temps):

@@ -36,10 +36,9 @@ Measured = Callable[[str, dict], None]  # (cache key, what was measured): told w
 
 
 def cache_file() -> Path:
-    from charrnn.cache import cache_dir
+    from charrnn.cache import measurement_file
 
-    # a folder of its own: the corpus cache's listing and clearing treat every top-level *.json as an entry
-    return cache_dir() / "precision" / "sample.json"
+    return measurement_file("precision")
 
 
 def _cpu_name() -> str:

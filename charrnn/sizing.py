@@ -30,10 +30,9 @@ MAX_SECONDS = 15.0  # no further width is timed once the measurement has taken t
 
 
 def cache_file() -> Path:
-    from charrnn.cache import cache_dir
+    from charrnn.cache import measurement_file
 
-    # a folder of its own: the corpus cache's listing and clearing treat every top-level *.json as an entry
-    return cache_dir() / "sizing" / "speeds.json"
+    return measurement_file("sizing")
 
 
 def _modes(asked: str) -> tuple[str, ...]:

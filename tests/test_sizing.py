@@ -154,3 +154,19 @@ def test_a_narrower_width_timed_in_a_busy_moment_gets_the_wider_ones_speed():
     sizer = Sizer(vocab_size=20, budget_s=3600)
     speeds = sizer(cfg, [8, 16])
     assert sizer.timed == [] and speeds[8] == Speed(50_000.0, 1_000) and speeds[16] == Speed(50_000.0, 3_000)
+
+
+def test_cache_clear_deletes_the_measurements_so_the_next_run_measures_again(big_corpus, tmp_path, monkeypatch):
+    """A measurement taken in a busy moment would size every later run: `charrnn cache clear` forgets it."""
+    monkeypatch.setenv("CHARRNN_WIDTHS", "8,16")
+    r = run_cli("train", big_corpus, "--time", "1s", *TINY_SHAPE, "--run", "a")
+    assert r.exit_code == 0 and "sizing:" in r.stderr and "[cached]" not in r.stderr, r.stderr
+    assert cache_file().exists()
+    r = run_cli("train", big_corpus, "--time", "1s", *TINY_SHAPE, "--run", "b")  # cached: nothing timed
+    line = next(x for x in r.stderr.splitlines() if x.startswith("sizing:"))
+    assert r.exit_code == 0 and "measured in" not in line, line
+    r = run_cli("cache", "clear")
+    assert r.exit_code == 0 and not cache_file().exists(), r.stderr
+    r = run_cli("train", big_corpus, "--time", "1s", *TINY_SHAPE, "--run", "c")
+    line = next(x for x in r.stderr.splitlines() if x.startswith("sizing:"))
+    assert r.exit_code == 0 and "measured in" in line and cache_file().exists(), line

@@ -35,10 +35,10 @@ def cache_list(
 @cache_app.command("clear")
 @handle_errors
 def cache_clear():
-    """Delete the cached corpora (they are encoded again when next used); runs using one are not disturbed."""
+    """Delete the cached corpora (they are encoded again when next used) and this machine's measured speeds (taken again when next needed); runs using a corpus are not disturbed."""
     from charrnn import cache, ui
 
     done = cache.clear()
     busy = f"; {done.busy} file(s) being written by a running encode left alone" if done.busy else ""
-    ui.info(f"cleared the corpus cache in {cache.cache_dir()}: {done.files} file(s), "
+    ui.info(f"cleared the cache in {cache.cache_dir()}: {done.files} file(s), "
             f"{ui.fmt_size(done.bytes)} freed{busy}")
