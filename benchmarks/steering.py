@@ -140,7 +140,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model, vocab, ck = load_model(args.checkpoint)
     if args.guidance is None:  # what `sample --sentiment` does by default
-        args.guidance = sentiment_guidance(model)
+        args.guidance = sentiment_guidance(model, ck)
     rec = sm.get_record(ck)
     if args.value is not None:  # as `sample --sentiment S --value V`, with V's sign taken from the record
         side = 1.0 if rec["fix_values"]["positive"] >= rec["fix_values"]["negative"] else -1.0

@@ -108,7 +108,7 @@ class Model:
 
         self._known(prime, "the prime")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        guidance = sentiment_guidance(self.module) if sentiment is not None else 0.0
+        guidance = sentiment_guidance(self.module, self.checkpoint) if sentiment is not None else 0.0
         cfg = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed,
                            num=num, guidance=guidance, stop=stops, stop_keep=stop_keep)
         validate(cfg)

@@ -29,9 +29,14 @@ SENTIMENT_GUIDANCE = 0.25
 BOUND_GUIDANCE = 1.0
 
 
-def sentiment_guidance(model) -> float:
-    """--sentiment's guidance when --guidance is not given, for this model (a CharRNN)."""
-    return BOUND_GUIDANCE if model.config.bound_unit is not None else SENTIMENT_GUIDANCE
+def sentiment_guidance(model, ck: dict) -> float:
+    """--sentiment's guidance when --guidance is not given, for this model (a CharRNN) and its checkpoint:
+    BOUND_GUIDANCE when the checkpoint's sentiment unit is the unit the model holds (bound by training),
+    SENTIMENT_GUIDANCE for a unit `neuron find` found (also one found in a bound model)."""
+    rec = ck.get("sentiment") or {}
+    bound = model.config.bound_unit
+    is_bound = bound is not None and rec.get("source") == "bind" and rec.get("unit") == bound
+    return BOUND_GUIDANCE if is_bound else SENTIMENT_GUIDANCE
 # --guidance contrasts the two streams only over the characters the own stream gives at least this
 # fraction of its likeliest character's probability (see guided_logits).
 GUIDANCE_PLAUSIBLE = 0.05

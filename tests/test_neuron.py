@@ -329,9 +329,12 @@ def test_sample_guidance_through_cli(bound):
 def test_a_found_unit_keeps_the_lighter_default_guidance():
     from charrnn.sample import BOUND_GUIDANCE, SENTIMENT_GUIDANCE, sentiment_guidance
 
-    found = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1))
+    plain = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1))
     bound = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1, bound_unit=0))
-    assert sentiment_guidance(found) == SENTIMENT_GUIDANCE < sentiment_guidance(bound) == BOUND_GUIDANCE
+    found, bind = {"sentiment": {"unit": 3, "source": "find"}}, {"sentiment": {"unit": 0, "source": "bind"}}
+    assert sentiment_guidance(plain, found) == SENTIMENT_GUIDANCE < sentiment_guidance(bound, bind) == BOUND_GUIDANCE
+    assert sentiment_guidance(bound, found) == SENTIMENT_GUIDANCE  # a unit found in a bound model
+    assert sentiment_guidance(plain, {"sentiment": {"unit": 0, "source": "bind"}}) == SENTIMENT_GUIDANCE  # bound by the design before
 
 
 def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):

@@ -57,7 +57,7 @@ def sample(
     m = load(checkpoint, device.value, home=dir, on_warn=_warn)
     model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
     if default_guidance and sentiment is not None:
-        guidance = sentiment_guidance(model)
+        guidance = sentiment_guidance(model, ck)
         cfg = dataclasses.replace(cfg, guidance=guidance)
     hook = None
     if sentiment is not None or neuron is not None or value is not None or state is not None or guidance > 0:

@@ -189,7 +189,7 @@ def sampling(limits: Limits, name: str, model, req: GenerateRequest | Completion
     neuron, value, state = getattr(req, "neuron", None), getattr(req, "value", None), getattr(req, "state", None)
     guidance = getattr(req, "guidance", None)
     if guidance is None:
-        guidance = sentiment_guidance(model.module) if sentiment is not None else 0.0
+        guidance = sentiment_guidance(model.module, model.checkpoint) if sentiment is not None else 0.0
     check_chars(name, model, prime, fields["prime"])
     if sentiment is not None and model.sentiment is None:
         raise ApiError(400, f"model {name!r} has no sentiment unit; leave out sentiment, or fix a unit with neuron and value")
