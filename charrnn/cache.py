@@ -34,11 +34,41 @@ def cache_dir() -> Path:
 # every top-level *.json as a corpus entry): training widths' speeds (charrnn/sizing.py) and
 # sampling's precision choice (charrnn/sampleprecision.py). `clear` deletes them too, so a
 # measurement taken in a busy moment is taken again.
-MEASUREMENTS = {"sizing": "speeds.json", "precision": "sample.json"}
+# kind -> (file, the name of its table): each file is {"version": MEASUREMENT_VERSION, table: {key: entry}}.
+MEASUREMENTS = {"sizing": ("speeds.json", "speeds"), "precision": ("sample.json", "choices")}
+MEASUREMENT_VERSION = 1
 
 
 def measurement_file(kind: str) -> Path:
-    return cache_dir() / kind / MEASUREMENTS[kind]
+    return cache_dir() / kind / MEASUREMENTS[kind][0]
+
+
+def read_measurements(kind: str, path: Path | None = None) -> dict:
+    """The kind's table of measurements; an absent, unreadable or damaged file is an empty table (it is rewritten)."""
+    table = MEASUREMENTS[kind][1]
+    try:
+        data = json.loads((path or measurement_file(kind)).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != MEASUREMENT_VERSION or not isinstance(data.get(table), dict):
+        return {}
+    return data[table]
+
+
+def remember_measurement(kind: str, key: str, entry: dict, path: Path | None = None) -> None:
+    """Add one entry to the kind's table, atomically (temp file, rename); a damaged file reads as empty, so this
+    replaces it with a good one. A cache that cannot be written is skipped: the next run measures again."""
+    from charrnn.atomicfile import atomic_write_text
+
+    path = path or measurement_file(kind)
+    entries = read_measurements(kind, path)
+    entries[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": MEASUREMENT_VERSION, MEASUREMENTS[kind][1]: entries},
+                                           indent=1, sort_keys=True))
+    except OSError:
+        pass  # read-only or full: nothing worse than measuring again
 
 
 def _paths(sha256: str, errors: str) -> tuple[Path, Path]:

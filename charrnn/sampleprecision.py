@@ -11,7 +11,6 @@ shape: the next call pays nothing. Only CPUs with native bf16 are asked; elsewhe
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ import torch
 
 from charrnn.device import cpu_has_bf16
 
-CACHE_VERSION = 1
 WARMUP_STEPS = 2  # the first calls allocate and pick kernels: not what sampling costs afterwards
 TIMED_STEPS = 6  # per round; a step of a 2x512 LSTM is well under a millisecond
 ROUNDS = 3  # fp32, bf16, fp32, bf16 ...: a slow spell of a shared machine hits both sides
@@ -59,35 +57,19 @@ def cache_key(model, rows: int) -> str:
             f"{_cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
 
 
-def _read(path: Path) -> dict:
-    """The cached choices; an absent, unreadable or damaged file is an empty cache (it is rewritten)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("choices"), dict):
-        return {}
-    return data["choices"]
-
-
 def cached_choice(key: str, path: Path | None = None) -> str | None:
-    entry = _read(path or cache_file()).get(key)
+    from charrnn.cache import read_measurements
+
+    entry = read_measurements("precision", path).get(key)
     choice = entry.get("precision") if isinstance(entry, dict) else None
     return choice if choice in ("fp32", "bf16") else None
 
 
 def remember(key: str, entry: dict, path: Path | None = None) -> None:
     """Add one choice to the cache file, atomically (temp file, rename); a cache that cannot be written is skipped."""
-    from charrnn.atomicfile import atomic_write_text
+    from charrnn.cache import remember_measurement
 
-    path = path or cache_file()
-    choices = _read(path)  # a damaged file reads as empty, so this replaces it with a good one
-    choices[key] = entry
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "choices": choices}, indent=1, sort_keys=True))
-    except OSError:
-        pass  # read-only or full: auto measures again next time, nothing worse
+    remember_measurement("precision", key, entry, path)
 
 
 @torch.no_grad()

@@ -11,7 +11,6 @@ for (a wider one reads fewer characters per parameter still). The speeds are rem
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,6 @@ from charrnn.config import CHARS_PER_PARAM, Speed, TrainConfig, chars_per_param
 from charrnn.device import cpu_has_bf16
 from charrnn.model import CharRNN, ModelConfig
 
-CACHE_VERSION = 1
 WARMUP_STEPS = 1  # the first step allocates Adam's moments and picks the kernels: not what a step costs after
 MIN_STEPS, MAX_STEPS = 2, 6  # timed steps per width: at least MIN_STEPS, more while under STEP_SECONDS
 STEP_SECONDS = 0.3
@@ -51,19 +49,10 @@ def cache_key(cfg: TrainConfig, hidden: int, vocab_size: int) -> str:
             f"precision {'+'.join(_modes(cfg.precision))}")
 
 
-def _read(path: Path) -> dict:
-    """The cached speeds; an absent, unreadable or damaged file is an empty cache (it is rewritten)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION or not isinstance(data.get("speeds"), dict):
-        return {}
-    return data["speeds"]
-
-
 def cached(key: str, path: Path | None = None) -> Speed | None:
-    entry = _read(path or cache_file()).get(key)
+    from charrnn.cache import read_measurements
+
+    entry = read_measurements("sizing", path).get(key)
     try:
         speed = Speed(float(entry["chars_per_s"]), int(entry["params"]))
     except (TypeError, KeyError, ValueError):
@@ -73,17 +62,10 @@ def cached(key: str, path: Path | None = None) -> Speed | None:
 
 def remember(key: str, speed: Speed, precision: str, path: Path | None = None) -> None:
     """Add one width's speed to the cache file, atomically; a cache that cannot be written is skipped."""
-    from charrnn.atomicfile import atomic_write_text
+    from charrnn.cache import remember_measurement
 
-    path = path or cache_file()
-    speeds = _read(path)
-    speeds[key] = {"chars_per_s": speed.chars_per_s, "params": speed.params, "precision": precision,
-                   "measured_at": time.time()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "speeds": speeds}, indent=1, sort_keys=True))
-    except OSError:
-        pass  # read-only or full: the next run measures again, nothing worse
+    remember_measurement("sizing", key, {"chars_per_s": speed.chars_per_s, "params": speed.params,
+                                         "precision": precision, "measured_at": time.time()}, path)
 
 
 def time_width(cfg: TrainConfig, hidden: int, vocab_size: int) -> tuple[Speed, str]:
