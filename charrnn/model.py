@@ -449,23 +449,23 @@ class CharRNN(nn.Module):
         keep = torch.ones(c.hidden, dtype=w_hh.dtype, device=w_hh.device)
         keep[unit] = 0
         w_in = torch.cat([w_ih, w_hh[:, unit:unit + 1]], 1)
+        w_rec = w_hh * keep  # the unit's own output reaches no gate: its column is zero
         # step t's gates see h_{t-1}: the value written at the step before (the carried state's at t = 0)
         held = torch.cat([h0[:, unit:unit + 1].to(x.dtype), values[:, :-1]], 1)
         xin = torch.cat([x, held.unsqueeze(-1)], -1)
-        out, h, cell = torch.lstm(xin, (h0[None].contiguous(), c0[None].contiguous()), [w_in, w_hh * keep, b_ih, b_hh],
+        out, h, cell = torch.lstm(xin, (h0[None].contiguous(), c0[None].contiguous()), [w_in, w_rec, b_ih, b_hh],
                                   True, 1, 0.0, self.training, False, True)
         if write is not None:
-            write.read = self._unit_cells(xin, out, h0 * keep, c0[:, unit], w_in, w_hh * keep, b_ih + b_hh)
+            write.read = self._unit_cells(xin, out, h0, c0[:, unit], w_in, w_rec, b_ih + b_hh)
         return set_unit(out, unit, values), (set_unit(h[0], unit, values[:, -1]), cell[0])
 
     def _unit_cells(self, xin, out, h0, c0, w_in, w_rec, bias) -> torch.Tensor:
         """(B, T): the bound unit's cell state at every step, recomputed from the kernel's outputs (the
-        kernel returns only the last one); its gates are four rows of the layer's weights."""
+        kernel returns only the last one); its gates are four rows of the layer's weights (`w_rec` with
+        the unit's own column zero, so h_{t-1}'s value there does not count)."""
         H, unit = self.config.hidden, self.config.bound_unit
         rows = [unit, H + unit, 2 * H + unit, 3 * H + unit]  # its i, f, g, o
-        keep = torch.ones(H, dtype=out.dtype, device=out.device)
-        keep[unit] = 0
-        h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1] * keep], 1)  # (B, T, H), its own column out
+        h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)  # (B, T, H)
         z = F.linear(xin, w_in[rows]) + F.linear(h_prev, w_rec[rows], bias[rows])  # (B, T, 4)
         i, f, g = torch.sigmoid(z[..., 0]), torch.sigmoid(z[..., 1]), torch.tanh(z[..., 2])
         cells, cell = [], c0

@@ -460,10 +460,11 @@ def test_reading_pass_runs_the_labeled_texts_of_the_training_split(tmp_path):
     # and its gradient reaches the unit's weights
     tr.model.train()
     x, y, _ = tr.batcher.get(0)
+    # the reading term alone (the config is frozen; before_step takes the step's contrast weight from it)
+    b.sc = dataclasses.replace(b.sc, contrast=0.0)
     carry = b.before_step(0, tr.model.init_state(4))
     write = Write(b._values)
     logits, _, out = tr.model(x, y, carry, write=write)
-    b.sc = dataclasses.replace(b.sc, contrast=0.0)  # the reading term alone (the config is frozen)
     b.extra_loss(write.read, x, y, carry, logits).backward()
     assert tr.model.rnn.weight_hh_l0.grad[sm.BOUND_UNIT].abs().sum() > 0
 

@@ -129,7 +129,7 @@ class BoundObjective:
             self.spans = text_spans(train_data, train_labels, newline)
         self._labels = self._free = self._read = None  # the current step's codes, free rows, reading pass
         self._values = None  # (B, T) of the current step: the values written into the unit's h
-        self._other = None  # the contrast's logits when the model ran them in the first pass
+        self._rows = self._other = None  # the contrast's streams, and its logits when the model ran them in the first pass
         self._contrast_weight = self.sc.contrast  # this step's (see contrast_weight)
         # the model holds the unit (ModelConfig.bound_unit); a run bound by an older charrnn, whose
         # checkpoint did not say so, goes on bound the same way
@@ -154,7 +154,7 @@ class BoundObjective:
     def forward(self, net, x: torch.Tensor, y: torch.Tensor, carry):
         write = Write(self._values)
         if self._contrast_weight > 0:  # the contrast's second pass, in the same call where the model can share the layers below
-            write.rows = self._contrast_rows()
+            self._rows = write.rows = self._contrast_rows()
             write.other = -self._values[write.rows]
         logits, loss, out = net(x, y, carry, write=write)
         self._other = write.other_logits
@@ -228,7 +228,7 @@ class BoundObjective:
         the loss asks the text to be more likely under its own label than under the other, so the
         rest of the network must make the unit's value change what it writes."""
         fixed = (self._labels >= 2).to(x.device)  # (B, T)
-        rows = self._contrast_rows()
+        rows = self._rows  # chosen in forward
         if rows.numel() == 0:
             return logits.new_zeros((), dtype=torch.float32)
         other = self._other  # the LSTM ran it beside the first pass; other cells run it here
