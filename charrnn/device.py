@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from charrnn.config import TrainConfig
@@ -38,6 +40,22 @@ def cpu_has_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What a measured speed depends on besides the shape: the CPU, the torch build and the thread count."""
+    return f"{cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}"
 
 
 # A run's precision by name (kept in its RunState): the autocast dtype of its forward pass, None for plain fp32

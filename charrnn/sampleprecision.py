@@ -11,14 +11,13 @@ shape: the next call pays nothing. Only CPUs with native bf16 are asked; elsewhe
 from __future__ import annotations
 
 import copy
-import platform
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from charrnn.device import cpu_has_bf16
+from charrnn.device import cpu_has_bf16, machine_key
 
 WARMUP_STEPS = 2  # the first calls allocate and pick kernels: not what sampling costs afterwards
 TIMED_STEPS = 6  # per round; a step of a 2x512 LSTM is well under a millisecond
@@ -39,22 +38,11 @@ def cache_file() -> Path:
     return measurement_file("precision")
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cache_key(model, rows: int) -> str:
     """The machine (CPU, torch, threads) and the shape sampled (cell, sizes, streams): what the speeds depend on."""
     c = model.config
     return (f"{c.cell} {c.layers}x{c.hidden} embed {c.embed_dim} vocab {c.vocab_size} rows {rows} | "
-            f"{_cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+            f"{machine_key()}")
 
 
 def cached_choice(key: str, path: Path | None = None) -> str | None:

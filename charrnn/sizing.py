@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from charrnn.config import CHARS_PER_PARAM, Speed, TrainConfig, chars_per_param
-from charrnn.device import cpu_has_bf16
+from charrnn.device import cpu_has_bf16, machine_key
 from charrnn.model import CharRNN, ModelConfig
 
 WARMUP_STEPS = 1  # the first step allocates Adam's moments and picks the kernels: not what a step costs after
@@ -42,10 +42,8 @@ def _modes(asked: str) -> tuple[str, ...]:
 
 def cache_key(cfg: TrainConfig, hidden: int, vocab_size: int) -> str:
     """The shape (cell, depth, width, batch, window, vocabulary) and the machine (CPU, torch, threads, precision)."""
-    from charrnn.sampleprecision import _cpu_name
-
     return (f"{cfg.cell} {cfg.layers}x{hidden} embed {cfg.embed} vocab {vocab_size} batch {cfg.batch_size} "
-            f"seq {cfg.seq_len} | {_cpu_name()} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+            f"seq {cfg.seq_len} | {machine_key()} | "
             f"precision {'+'.join(_modes(cfg.precision))}")
 
 
@@ -118,7 +116,6 @@ class Sizer:
     vocab_size: int
     budget_s: float
     speeds: dict[int, Speed] = field(default_factory=dict)  # by width, as the rule weighed them
-    precision: dict[int, str] = field(default_factory=dict)  # the precision each width was timed in ("cached": read)
     timed: list[int] = field(default_factory=list)  # widths timed now (the others came from the cache)
     seconds: float = 0.0  # the measurement's wall-clock time
 
@@ -138,7 +135,6 @@ class Sizer:
                         break
                     remember(key, speed, mode)
                     self.timed.append(h)
-                    self.precision[h] = mode
                 self.speeds[h] = speed
                 if chars_per_param(speed, self.budget_s) < CHARS_PER_PARAM:
                     break  # a wider model reads fewer characters per parameter still
