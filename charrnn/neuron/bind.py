@@ -37,7 +37,7 @@ from charrnn.errors import DataError, UsageError
 from charrnn.neuron.find import fit_logistic, fix_values_of
 from charrnn.neuron.states import unit_at_ends
 from charrnn.model import Write
-from charrnn.neuron.steer import default_state, state_names
+from charrnn.neuron.steer import state_names
 
 BOUND_UNIT = 0  # the top-layer unit that `train --sentiment-unit` binds
 LOGIT_SCALE = 4.0  # reading losses: logit = LOGIT_SCALE * value / fixed value, so the fixed value reads as about 98% sure
@@ -121,7 +121,6 @@ class BoundObjective:
         # unreadable (measured: h of 0.001 at the end of every SST-2 sentence, 50% accuracy) and the
         # gradient died with it.
         self._scale = reading_scale(model, self.sc.value)
-        self.part = self.names.index(default_state(model))  # the state part the reading losses look at
         self.top = model.config.layers - 1
         self.data, self.nl = train_data, newline
         self.spans = torch.empty(3, 0, dtype=torch.long)  # the reading pass's texts, found only when it runs
