@@ -75,9 +75,11 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
         ckpt_mod.check_payload(init, init_path)
         init["path"] = str(init_path)
     train_data, val_data, vocab, sha = _load_new_corpus(corpus, cfg, init_from, init)
-    check_available(cfg.precision, pick_device(cfg.device))  # a --precision that cannot run: before any measuring
-    sizer = _sizer(cfg, len(vocab), init)
-    cfg = resolve(cfg, len(train_data), time_budget(cfg), pick_device(cfg.device).type,
+    asked = pick_device(cfg.device)  # under torchrun each process takes a device of this type
+    # a --precision that cannot run: refused before any measuring and before the run folder is made
+    check_available(cfg.precision, asked)
+    sizer = _sizer(cfg, len(vocab), init, asked.type)
+    cfg = resolve(cfg, len(train_data), time_budget(cfg), asked.type,
                   arch=init["model_config"] if init is not None else None, measure=sizer)
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
     if sizer is not None and sizer.speeds:
@@ -89,7 +91,6 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
                   weights=init["model"] if init is not None else None, source=init["path"] if init is not None else None,
                   record=init.get("sentiment") if init is not None else None)
     device, dist = setup_distributed(cfg)
-    check_available(cfg.precision, device)  # refused before the run folder is made
     folder = RunFolder.claim_new(run_dir, lambda: default_run_dir(Path(home), corpus, cfg), dist)
     with folder.released_on_error(remove=run_dir is None):  # nobody else knows a new default folder
         return _assemble(start, folder, device, dist, events)
@@ -105,12 +106,12 @@ def _bound_unit(cfg: TrainConfig, init: dict | None) -> int | None:
     return (init or {}).get("model_config", {}).get("bound_unit")
 
 
-def _sizer(cfg: TrainConfig, vocab_size: int, init: dict | None) -> Sizer | None:
+def _sizer(cfg: TrainConfig, vocab_size: int, init: dict | None, device_type: str) -> Sizer | None:
     """The measurement of this machine's speed that sizes a new CPU run with a time budget (charrnn/sizing.py);
     None where the width is not the run's to choose by speed (--init-from's, a GPU's table) or where the
     processes of a torchrun job could measure differently (the reference CPU's speeds choose for all of them)."""
     budget = time_budget(cfg)
-    if budget is None or init is not None or pick_device(cfg.device).type != "cpu" or Dist.from_env().enabled:
+    if budget is None or init is not None or device_type != "cpu" or Dist.from_env().enabled:
         return None
     return Sizer(vocab_size, budget)
 
