@@ -135,12 +135,12 @@ def main() -> None:
     from charrnn import neuron as sm
     from charrnn.checkpoint import load_model
     from charrnn.data import iter_corpus_text, read_labeled
-    from charrnn.sample import SampleConfig, generate, sentiment_guidance
+    from charrnn.sample import SampleConfig, default_guidance, generate
 
     t0 = time.perf_counter()
     model, vocab, ck = load_model(args.checkpoint)
     if args.guidance is None:  # what `sample --sentiment` does by default
-        args.guidance = sentiment_guidance(model, ck)
+        args.guidance = default_guidance(model, ck, "positive")  # the steered sets' (the free set runs unguided)
     rec = sm.get_record(ck)
     if args.value is not None:  # as `sample --sentiment S --value V`, with V's sign taken from the record
         side = 1.0 if rec["fix_values"]["positive"] >= rec["fix_values"]["negative"] else -1.0

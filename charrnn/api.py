@@ -104,11 +104,11 @@ class Model:
                   seed: int | None, stop: Stop, stop_keep: bool, sentiment: str | None):
         """(SampleConfig, steering hook or None) for the arguments of generate/stream, checked."""
         from charrnn.neuron.steer import steering_hook
-        from charrnn.sample import SampleConfig, sentiment_guidance, validate
+        from charrnn.sample import SampleConfig, default_guidance, validate
 
         self._known(prime, "the prime")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        guidance = sentiment_guidance(self.module, self.checkpoint) if sentiment is not None else 0.0
+        guidance = default_guidance(self.module, self.checkpoint, sentiment)
         cfg = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed,
                            num=num, guidance=guidance, stop=stops, stop_keep=stop_keep)
         validate(cfg)

@@ -29,10 +29,12 @@ SENTIMENT_GUIDANCE = 0.25
 BOUND_GUIDANCE = 1.0
 
 
-def sentiment_guidance(model, ck: dict) -> float:
-    """--sentiment's guidance when --guidance is not given, for this model (a CharRNN) and its checkpoint:
-    BOUND_GUIDANCE when the checkpoint's sentiment unit is the unit the model holds (bound by training),
-    SENTIMENT_GUIDANCE for a unit `neuron find` found (also one found in a bound model)."""
+def default_guidance(model, ck: dict, sentiment: str | None) -> float:
+    """The guidance when --guidance is not given, for this model (a CharRNN) and its checkpoint: 0 without
+    --sentiment; with it BOUND_GUIDANCE when the checkpoint's sentiment unit is the unit the model holds
+    (bound by training), SENTIMENT_GUIDANCE for a unit `neuron find` found (also one found in a bound model)."""
+    if sentiment is None:
+        return 0.0
     rec = ck.get("sentiment") or {}
     bound = model.config.bound_unit
     is_bound = bound is not None and rec.get("source") == "bind" and rec.get("unit") == bound

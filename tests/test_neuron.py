@@ -327,14 +327,16 @@ def test_sample_guidance_through_cli(bound):
 
 
 def test_a_found_unit_keeps_the_lighter_default_guidance():
-    from charrnn.sample import BOUND_GUIDANCE, SENTIMENT_GUIDANCE, sentiment_guidance
+    from charrnn.sample import BOUND_GUIDANCE, SENTIMENT_GUIDANCE, default_guidance
 
     plain = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1))
     bound = CharRNN(ModelConfig(vocab_size=5, hidden=8, layers=1, bound_unit=0))
     found, bind = {"sentiment": {"unit": 3, "source": "find"}}, {"sentiment": {"unit": 0, "source": "bind"}}
-    assert sentiment_guidance(plain, found) == SENTIMENT_GUIDANCE < sentiment_guidance(bound, bind) == BOUND_GUIDANCE
-    assert sentiment_guidance(bound, found) == SENTIMENT_GUIDANCE  # a unit found in a bound model
-    assert sentiment_guidance(plain, {"sentiment": {"unit": 0, "source": "bind"}}) == SENTIMENT_GUIDANCE  # bound by the design before
+    guide = lambda m, ck: default_guidance(m, ck, "positive")  # noqa: E731
+    assert guide(plain, found) == SENTIMENT_GUIDANCE < guide(bound, bind) == BOUND_GUIDANCE
+    assert guide(bound, found) == SENTIMENT_GUIDANCE  # a unit found in a bound model
+    assert guide(plain, {"sentiment": {"unit": 0, "source": "bind"}}) == SENTIMENT_GUIDANCE  # bound by the design before
+    assert default_guidance(bound, bind, None) == 0.0  # no --sentiment: no guidance
 
 
 def test_steering_benchmark_runs_and_reports_what_it_measured(bound, tmp_path):

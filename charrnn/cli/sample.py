@@ -44,10 +44,10 @@ def sample(
     from charrnn.config import check_finite
     from charrnn.api import load
     from charrnn.data import Vocab
-    from charrnn.sample import SampleConfig, clean_prime, generate, sentiment_guidance, stream_chars, validate
+    from charrnn.sample import SampleConfig, clean_prime, default_guidance, generate, stream_chars, validate
 
     check_finite(value=value)
-    default_guidance = guidance is None  # --sentiment's guidance depends on the model: set once it is loaded
+    guidance_given = guidance is not None  # else it depends on the model: set once it is loaded
     guidance = guidance or 0.0
     prime = read_prime(prime, prime_file)
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
@@ -56,8 +56,8 @@ def sample(
     validate(cfg)
     m = load(checkpoint, device.value, home=dir, on_warn=_warn)
     model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
-    if default_guidance and sentiment is not None:
-        guidance = sentiment_guidance(model, ck)
+    if not guidance_given:
+        guidance = default_guidance(model, ck, sentiment)
         cfg = dataclasses.replace(cfg, guidance=guidance)
     hook = None
     if sentiment is not None or neuron is not None or value is not None or state is not None or guidance > 0:

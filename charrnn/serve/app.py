@@ -81,7 +81,7 @@ class GenerateRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     stop_keep: bool = False
     sentiment: Optional[Literal["positive", "negative", "none"]] = None
-    guidance: Optional[float] = None  # default: with a sentiment sample.sentiment_guidance, else 0 (as `charrnn sample`)
+    guidance: Optional[float] = None  # default: sample.default_guidance (as `charrnn sample`)
     neuron: Optional[int] = None
     value: Optional[float] = None
     state: Optional[Literal["c", "h", "c+h"]] = None
@@ -179,7 +179,7 @@ def sampling(limits: Limits, name: str, model, req: GenerateRequest | Completion
     """(SampleConfig, steering hook) for a request, checked as `charrnn sample` checks its options."""
     from charrnn.config import check_finite
     from charrnn.neuron.steer import steering_hook
-    from charrnn.sample import SampleConfig, sentiment_guidance
+    from charrnn.sample import SampleConfig, default_guidance
 
     Server.check_length(limits, prime, fields["prime"])
     stop = req.stop
@@ -189,7 +189,7 @@ def sampling(limits: Limits, name: str, model, req: GenerateRequest | Completion
     neuron, value, state = getattr(req, "neuron", None), getattr(req, "value", None), getattr(req, "state", None)
     guidance = getattr(req, "guidance", None)
     if guidance is None:
-        guidance = sentiment_guidance(model.module, model.checkpoint) if sentiment is not None else 0.0
+        guidance = default_guidance(model.module, model.checkpoint, sentiment)
     check_chars(name, model, prime, fields["prime"])
     if sentiment is not None and model.sentiment is None:
         raise ApiError(400, f"model {name!r} has no sentiment unit; leave out sentiment, or fix a unit with neuron and value")
