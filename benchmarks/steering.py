@@ -1,7 +1,8 @@
 """Steering benchmark: do `--sentiment positive/negative` samples read as positive/negative to judges charrnn never saw?
 
 Generates --num samples of --length characters with the sentiment unit fixed positive, fixed
-negative, and free; scores them, and real held-out reviews cut to the same length, with two
+negative, and free (spelling only the words of the model's corpus, as `sample` does by default;
+--words any: freely); scores them, and real held-out reviews cut to the same length, with two
 off-the-shelf judges (VADER and AFINN, lexicon-based, installed only for this benchmark:
 `pip install vaderSentiment afinn`); reports the fraction judged positive, the model's loss on
 held-out reviews with the unit free / fixed to the review's label / fixed to the opposite label,
@@ -15,7 +16,7 @@ and real reviews) its fluency:
   unit-free samples are the reference, real reviews score higher since samples are drawn at --temp).
 
     python benchmarks/steering.py CHECKPOINT HELDOUT.tsv [--num 100] [--length 400] [--temp 0.8]
-                                  [--words-from TEXT ...]
+                                  [--words known|any] [--words-from TEXT ...]
 """
 
 from __future__ import annotations
@@ -124,6 +125,8 @@ def main() -> None:
     ap.add_argument("--loss-reviews", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples-out", help="write every sample as JSON lines here")
+    ap.add_argument("--words", choices=("known", "any"), default="known",
+                    help="as sample --words: known spells only the corpus's words (the checkpoint's list) [default: known]")
     ap.add_argument("--guidance", type=float, default=None, help="as sample --guidance [default: sample's, 0.25]")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as sample --precision")
     ap.add_argument("--value", type=float, help="fix the unit at +-VALUE (the positive side's sign) instead of the stored fix values")
@@ -135,10 +138,14 @@ def main() -> None:
     from charrnn import neuron as sm
     from charrnn.checkpoint import load_model
     from charrnn.data import iter_corpus_text, read_labeled
+    from charrnn.lexicon import Lexicon
     from charrnn.sample import SampleConfig, default_guidance, generate
 
     t0 = time.perf_counter()
     model, vocab, ck = load_model(args.checkpoint)
+    lexicon = Lexicon.from_record(ck.get("lexicon"))
+    if args.words == "known" and lexicon is None:
+        print("this checkpoint keeps no word list (written before lexicons): the samples spell freely", file=sys.stderr)
     if args.guidance is None:  # what `sample --sentiment` does by default
         args.guidance = default_guidance(model, ck, "positive")  # the steered sets' (the free set runs unguided)
     rec = sm.get_record(ck)
@@ -156,8 +163,9 @@ def main() -> None:
         if cond != "none":
             hook, _ = sm.steering_hook(model, ck, cond, guided_rows=args.num if args.guidance > 0 else 0)
         cfg = SampleConfig(temperature=args.temp, length=args.length, seed=args.seed, num=args.num,
-                           precision=args.precision, guidance=args.guidance if cond != "none" else 0.0)
-        samples[cond] = [t.lstrip("\n") for t in generate(model, vocab, cfg, hook=hook)]
+                           precision=args.precision, guidance=args.guidance if cond != "none" else 0.0,
+                           words=args.words)
+        samples[cond] = [t.lstrip("\n") for t in generate(model, vocab, cfg, hook=hook, lexicon=lexicon)]
     held = read_labeled(Path(args.heldout))
     known = set(vocab.chars)
     rng = random.Random(0)
@@ -184,7 +192,7 @@ def main() -> None:
     gen_acc = float((per_text["matched"] < per_text["opposite"]).double().mean())
     overlap = {c: ngram_share(samples[c], train_text) for c in samples}
     real_overlap = ngram_share(real["positive"] + real["negative"], train_text)
-    out = {"checkpoint": ck["path"], "unit": rec, "temp": args.temp, "rows": rows, "separation": sep,
+    out = {"checkpoint": ck["path"], "unit": rec, "temp": args.temp, "words": args.words if lexicon else "any", "rows": rows, "separation": sep,
            "real_word_vocabulary": len(vocabulary), "heldout_loss": losses, "heldout_reviews": len(lp), "generative_accuracy": gen_acc, "ngram20_in_train": overlap,
            "ngram20_in_train_real": real_overlap, "seconds": time.perf_counter() - t0}
     out["unit"] = {k: v for k, v in rec.items() if k != "observed"}

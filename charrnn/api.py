@@ -18,6 +18,7 @@ from charrnn.config import SentimentConfig, TrainConfig, parse_duration
 from charrnn.data import Vocab
 from charrnn.errors import DataError, UsageError
 from charrnn.events import Receivers, TrainEvents
+from charrnn.lexicon import Lexicon
 from charrnn.model import CharRNN
 
 PathLike = Union[str, Path]
@@ -31,6 +32,7 @@ class Model:
         self.module = module  # the torch module, in eval mode
         self.checkpoint = checkpoint  # the loaded checkpoint payload (config, vocabulary, weights, unit record)
         self._vocab = vocab
+        self.lexicon = Lexicon.from_record(checkpoint.get("lexicon"))  # the corpus's words; None in older checkpoints
 
     def __repr__(self) -> str:
         c = self.config
@@ -65,23 +67,24 @@ class Model:
 
     def generate(self, prime: str = "", num: int = 1, length: int = 500, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Stop = None, stop_keep: bool = False,
-                 sentiment: str | None = None) -> list[str]:
+                 sentiment: str | None = None, words: str = "known") -> list[str]:
         """`num` samples, each the prime followed by up to `length` generated characters.
 
         temperature 0 is greedy; `top_k` > 0 and `top_p` < 1 filter the draws; the same `seed` gives
         the same texts. `stop` (a string or several): each sample ends at its first match in the
         generated text, the match cut off (or kept, with `stop_keep`), and generation ends as soon as
         every sample has. `sentiment` ('positive' or 'negative') fixes the model's sentiment unit,
-        as `charrnn sample --sentiment` does.
+        as `charrnn sample --sentiment` does. `words` 'known' spells only words of the model's corpus
+        (when its checkpoint has their list, `lexicon`), 'any' lets the model spell freely.
         """
         from charrnn.sample import generate
 
-        cfg, hook = self._sampling(prime, num, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment)
-        return generate(self.module, self._vocab, cfg, hook=hook)
+        cfg, hook = self._sampling(prime, num, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment, words)
+        return generate(self.module, self._vocab, cfg, hook=hook, lexicon=self.lexicon)
 
     def stream(self, prime: str = "", length: int = 500, temperature: float = 0.8, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Stop = None, stop_keep: bool = False,
-               sentiment: str | None = None) -> Iterator[str]:
+               sentiment: str | None = None, words: str = "known") -> Iterator[str]:
         """One sample's generated text as it comes, in pieces (the prime is not repeated).
 
         A piece is one character, except that characters which might begin a stop string are held
@@ -91,17 +94,17 @@ class Model:
         """
         from charrnn.sample import stream_chars
 
-        cfg, hook = self._sampling(prime, 1, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment)
+        cfg, hook = self._sampling(prime, 1, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment, words)
 
         def pieces() -> Iterator[str]:
-            for chars in stream_chars(self.module, self._vocab, cfg, hook=hook):
+            for chars in stream_chars(self.module, self._vocab, cfg, hook=hook, lexicon=self.lexicon):
                 if chars[0]:
                     yield chars[0]
 
         return pieces()
 
     def _sampling(self, prime: str, num: int, length: int, temperature: float, top_k: int, top_p: float,
-                  seed: int | None, stop: Stop, stop_keep: bool, sentiment: str | None):
+                  seed: int | None, stop: Stop, stop_keep: bool, sentiment: str | None, words: str):
         """(SampleConfig, steering hook or None) for the arguments of generate/stream, checked."""
         from charrnn.neuron.steer import steering_hook
         from charrnn.sample import SampleConfig, default_guidance, validate
@@ -110,7 +113,7 @@ class Model:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         guidance = default_guidance(self.module, self.checkpoint, sentiment)
         cfg = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed,
-                           num=num, guidance=guidance, stop=stops, stop_keep=stop_keep)
+                           num=num, guidance=guidance, stop=stops, stop_keep=stop_keep, words=words)
         validate(cfg)
         hook, _ = steering_hook(self.module, self.checkpoint, sentiment, guided_rows=num if guidance > 0 else 0)
         return cfg, hook

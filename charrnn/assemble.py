@@ -11,7 +11,7 @@ import torch
 
 from charrnn import checkpoint as ckpt_mod
 from charrnn.config import TrainConfig, resolve, time_budget, validate
-from charrnn.data import StreamBatcher, Vocab, encode, join_encoded, split
+from charrnn.data import StreamBatcher, Vocab, encode, iter_corpus_text, join_encoded, split
 from charrnn.device import Precision, pick_device, setup_distributed
 from charrnn.distributed import Dist, broadcast_object
 from charrnn.errors import CheckpointError, UsageError
@@ -21,6 +21,7 @@ from charrnn.objective import LanguageModelObjective, Objective
 from charrnn.precision import Choice, check_available, choose, for_resume
 from charrnn.runfolder import RunFolder, default_run_dir, newest_checkpoint, refuse_existing_run
 from charrnn.runlock import check_free
+from charrnn.lexicon import Lexicon
 from charrnn.runstate import RunState
 from charrnn.sizing import Sizer
 
@@ -42,6 +43,7 @@ class Start:
     record: dict | None = None  # the unit record of the checkpoint the run starts from (see _objective)
     saved: dict | None = None  # the checkpoint a resumed run continues
     precision_asked: str | None = None  # --precision given with --resume (None: the run's own)
+    lexicon: Lexicon | None = None  # the words of the corpus, kept in checkpoints for `sample --words known`
 
 
 @dataclass
@@ -89,11 +91,17 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
                   ModelConfig(len(vocab), cfg.cell, cfg.layers, cfg.hidden, cfg.embed, cfg.dropout,
                               _bound_unit(cfg, init)),
                   weights=init["model"] if init is not None else None, source=init["path"] if init is not None else None,
-                  record=init.get("sentiment") if init is not None else None)
+                  record=init.get("sentiment") if init is not None else None,
+                  lexicon=_count_words(corpus, cfg).merged(Lexicon.from_record((init or {}).get("lexicon"))))
     device, dist = setup_distributed(cfg)
     folder = RunFolder.claim_new(run_dir, lambda: default_run_dir(Path(home), corpus, cfg), dist)
     with folder.released_on_error(remove=run_dir is None):  # nobody else knows a new default folder
         return _assemble(start, folder, device, dist, events)
+
+
+def _count_words(corpus: list[Path], cfg: TrainConfig) -> Lexicon:
+    """The lexicon of the corpus files (charrnn/lexicon.py)."""
+    return Lexicon.count(text for p in corpus for text in iter_corpus_text(Path(p), cfg.encoding_errors))
 
 
 def _bound_unit(cfg: TrainConfig, init: dict | None) -> int | None:
@@ -160,10 +168,12 @@ def resumed_run(run_dir: Path, threads: int | None, device: str | None, allow_ch
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         train_data, val_data, vocab, sha = _load_saved_corpus(run_dir, ck, cfg, allow_changed_corpus, events)
-        start = Start(cfg, [Path(p) for p in ck["train"]["corpus"]], sha, vocab, train_data, val_data,
+        corpus = [Path(p) for p in ck["train"]["corpus"]]
+        start = Start(cfg, corpus, sha, vocab, train_data, val_data,
                       RunState.from_checkpoint(ck["train"]["state"], cfg), ModelConfig(**ck["model_config"]),
                       weights=ck["model"], source=ck["path"], record=ck.get("sentiment"), saved=ck,
-                      precision_asked=precision)
+                      precision_asked=precision,
+                      lexicon=Lexicon.from_record(ck.get("lexicon")) or _count_words(corpus, cfg))
         device, dist = setup_distributed(cfg)
         return _assemble(start, folder, device, dist, events)
 
@@ -287,5 +297,6 @@ def payload(t, val_loss: float | None, carry: tuple) -> dict:
             "carry": tuple(s.detach().cpu() for s in carry),
         },
         **({"sentiment": record} if record else {}),
+        **({"lexicon": t.lexicon.to_record()} if t.lexicon is not None else {}),
         **({"scaler": t.precision.state_dict()} if t.precision.scaler is not None else {}),
     }

@@ -6,7 +6,9 @@ An export folder holds
   a sha256 in its metadata that charrnn checks and other readers ignore);
 - `config.json`: the model settings (charrnn.model.ModelConfig's fields, flat) and where it came from;
 - `vocab.json`: the characters, a JSON list, id = position;
-- `sentiment.json`: the sentiment unit record, when the checkpoint has one (charrnn.neuron.steer).
+- `sentiment.json`: the sentiment unit record, when the checkpoint has one (charrnn.neuron.steer);
+- `words.txt`: the words of the corpus that `sample --words known` spells (charrnn.lexicon), most
+  frequent first, one per line after a first line `min_count N`, when the checkpoint has them.
 No optimiser state, no training state, no pickle. `load_export` builds from it the same in-memory
 payload a checkpoint file gives, so charrnn.checkpoint.open_checkpoint serves both.
 """
@@ -32,7 +34,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 RECORD_FILE = "sentiment.json"
-FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, RECORD_FILE)
+WORDS_FILE = "words.txt"
+FILES = (MODEL_FILE, CONFIG_FILE, VOCAB_FILE, RECORD_FILE, WORDS_FILE)
 EXPORT_FORMAT = "charrnn-export"
 EXPORT_VERSION = 1  # the folder's layout; a reader refuses a newer one with a message
 META_KEYS = ("format", "format_version", "charrnn_version", "torch_version", "parameters", "source")  # not model settings
@@ -104,6 +107,9 @@ def export(ck: dict, source: Path, out: Path, force: bool = False) -> Exported:
         from charrnn.neuron.steer import upgrade_record
 
         texts[RECORD_FILE] = json.dumps(upgrade_record(ck["sentiment"]), indent=1) + "\n"
+    if ck.get("lexicon"):
+        rec = ck["lexicon"]
+        texts[WORDS_FILE] = f"min_count {rec['min_count']}\n" + "".join(w + "\n" for w in rec["words"].split(" ") if w)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +211,22 @@ def load_export(folder: Path, device: str | torch.device = "cpu") -> dict:
         if not isinstance(rec, dict):
             raise CheckpointError(f"{folder / RECORD_FILE} is not a sentiment unit record (a JSON object); {again}")
         ck["sentiment"] = rec
+    if (folder / WORDS_FILE).is_file():
+        ck["lexicon"] = _words(folder / WORDS_FILE, again)
     check_payload(ck, folder)
     return ck
+
+
+def _words(path: Path, again: str) -> dict:
+    """The lexicon record (charrnn.lexicon) of an export's words.txt."""
+    try:
+        head, *words = path.read_text(encoding="utf-8").split("\n")
+        key, count = head.split(" ")
+        if key != "min_count" or any(" " in w for w in words):
+            raise ValueError
+        return {"min_count": int(count), "words": " ".join(w for w in words if w)}
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise CheckpointError(f"{path} is not an export's word list ('min_count N', then one word per line); {again}") from None
 
 
 def _umask() -> int:

@@ -13,6 +13,7 @@ from charrnn.config import check_finite, check_seed
 from charrnn.data import Vocab
 from charrnn.device import cpu_has_bf16  # noqa: F401 (one detection for training and sampling; re-exported)
 from charrnn.errors import CheckpointError, UsageError
+from charrnn.lexicon import Lexicon, Speller
 from charrnn.model import CharRNN
 from charrnn.stops import StopStrings, check_stops
 
@@ -45,6 +46,7 @@ GUIDANCE_PLAUSIBLE = 0.05
 # --guidance above this is out of range: 0.5 already reads less fluent (README), and far above it
 # own + G * (own - opposite) overflows float32 (G around 1e36) and the draw has no distribution left.
 MAX_GUIDANCE = 100.0
+WORDS = ("known", "any")  # SampleConfig.words
 # Below this temperature pick() checks whether logits / T overflowed float32 (T = 1e-39 does).
 TINY_TEMPERATURE = 1e-3
 
@@ -62,6 +64,7 @@ class SampleConfig:
     guidance: float = 0.0  # > 0: contrast with a shadow stream fixed the opposite way (see generate)
     stop: tuple[str, ...] = ()  # each sample ends at its first match of one of these (charrnn/stops.py)
     stop_keep: bool = False  # the match ends the sample's text; False: it is cut off
+    words: str = "known"  # known: spell only the words of the model's corpus (its lexicon, charrnn/lexicon.py); any: free
 
 
 def validate(cfg: SampleConfig) -> None:
@@ -77,6 +80,8 @@ def validate(cfg: SampleConfig) -> None:
         raise UsageError(f"--length must be 0 or more (got {cfg.length})")
     if cfg.num < 1:
         raise UsageError(f"--num must be at least 1 (got {cfg.num})")
+    if cfg.words not in WORDS:
+        raise UsageError(f"--words must be one of {', '.join(WORDS)} (got {cfg.words!r})")
     if not 0 <= cfg.guidance <= MAX_GUIDANCE:
         raise UsageError(f"--guidance must be from 0 (off) to {MAX_GUIDANCE:g} (got {cfg.guidance})")
     if cfg.precision not in PRECISIONS:
@@ -190,15 +195,15 @@ def default_prime(vocab: Vocab) -> str:
 
 def generate(model: CharRNN, vocab: Vocab, cfg: SampleConfig,
              on_chars: Callable[[list[str]], None] | None = None,
-             hook=None) -> list[str]:
+             hook=None, lexicon: Lexicon | None = None) -> list[str]:
     """Generate `cfg.num` samples; each is the prime (unknown characters already removed) and what follows it.
 
     `on_chars` receives each step's newly final text of every sample (see `stream_chars`), so the
     caller can stream it. Returns the full texts, so memory grows with num * length; `stream_chars`
-    keeps nothing. `hook` and `cfg` as in `stream_chars`.
+    keeps nothing. `hook`, `cfg` and `lexicon` as in `stream_chars`.
     """
     out = None
-    for chars in stream_chars(model, vocab, cfg, hook):
+    for chars in stream_chars(model, vocab, cfg, hook, lexicon):
         if out is None:  # made after the model's state, so a --num too large fails there, at once
             out = [[] for _ in chars]
         for buf, ch in zip(out, chars):
@@ -224,6 +229,11 @@ def draw(logits: torch.Tensor, n: int, cfg: SampleConfig, generator: torch.Gener
             "'charrnn eval CHECKPOINT FILE'") from None
 
 
+def speller_for(cfg: SampleConfig, lexicon: Lexicon | None, vocab: Vocab, n: int) -> Speller | None:
+    """The speller of n samples with --words known and a lexicon, else None."""
+    return Speller(lexicon, vocab.chars, n) if cfg.words == "known" and lexicon is not None else None
+
+
 def seeded_generator(seed: int | None) -> torch.Generator:
     """The CPU generator every draw of one sampling run uses: seeded, or from fresh entropy when seed is None."""
     gen = torch.Generator(device="cpu")
@@ -235,7 +245,8 @@ def seeded_generator(seed: int | None) -> torch.Generator:
 
 
 @torch.no_grad()
-def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> Iterator[list[str]]:
+def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None,
+                 lexicon: Lexicon | None = None) -> Iterator[list[str]]:
     """Yield the next character of every sample, `cfg.length` times, after feeding the prime
     (`cfg.prime`, or default_prime). Nothing is kept between steps, so any length runs in constant memory.
 
@@ -252,6 +263,9 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
     (neuron.steering_hook(..., guided_rows=num) builds it). The next character is drawn from
     log p_i + g * (log p_i - log p_{num+i}): what the fixed value changes, amplified, among the characters
     row i finds plausible (guided_logits).
+
+    With `cfg.words` "known" and the model's `lexicon` (None for a checkpoint from before lexicons),
+    a character that would spell a word the corpus does not have is never drawn (charrnn/lexicon.py).
     """
     validate(cfg)
     n = cfg.num
@@ -263,11 +277,18 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
     state = model.init_state(rows, device)
     logits = None
     stops = StopStrings(cfg.stop, n, cfg.stop_keep) if cfg.stop else None
+    speller = speller_for(cfg, lexicon, vocab, n)
     for i in ids:  # feed the prime one character at a time, so a hook sees every step
         x = torch.full((rows,), i, dtype=torch.long, device=device)
         logits, state = model.step(x, state, hook)
+        if speller is not None:
+            speller.feed(x[:n])
     for step in range(cfg.length):
+        if speller is not None:
+            logits = speller.restrict(logits)
         nxt = draw(logits, n, cfg, gen, step)
+        if speller is not None:
+            speller.feed(nxt)
         chars = [vocab.chars[j] for j in nxt.tolist()]
         if stops is None:
             yield chars
@@ -275,8 +296,8 @@ def stream_chars(model: CharRNN, vocab: Vocab, cfg: SampleConfig, hook=None) -> 
             yield stops.feed(chars)
             if stops.all_stopped:
                 return  # every sample has ended: not one model step more
-        feed = nxt.repeat(rows // n).to(device)
-        logits, state = model.step(feed, state, hook)
+        feed = nxt if rows == n else nxt.repeat(rows // n)  # guided: the shadow rows read the same text
+        logits, state = model.step(feed if feed.device == device else feed.to(device), state, hook)
     if stops is not None:
         held = stops.flush()  # the samples reached --length while a possible match was held back
         if any(held):

@@ -60,6 +60,7 @@ class Trainer:
         self.precision_choice = p.precision_choice  # its name and why (charrnn/precision.py)
         self.rows, self.carry, self.objective = p.rows, p.carry, p.objective  # objective: see charrnn/objective.py
         self.net, self.corpus_sha256 = p.net, p.corpus_sha256  # net: the model, or its DDP wrapper
+        self.lexicon = p.lexicon  # the corpus's words, kept in checkpoints (charrnn/lexicon.py)
         self.events = _receiver(callback)
         self.batcher = StreamBatcher(self.train_data, self.cfg.batch_size, self.cfg.seq_len)
         self.local_batch = self.rows.stop - self.rows.start

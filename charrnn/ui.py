@@ -330,7 +330,8 @@ BENCH_FORMAT = {
     "sample": "{model} ({weights_mb:.1f} MB of fp32 weights): raw LSTMCell loop fp32 {raw_chars_per_s:,.0f} chars/s, "
               "bf16 {raw_bf16_chars_per_s:,.0f}; charrnn ({precision}) {charrnn_chars_per_s:,.0f} chars/s, ratio "
               "{ratio:.2f} to the faster raw ({best_raw}); charrnn fp32 {fp32_chars_per_s:,.0f}, ratio {fp32_ratio:.2f} "
-              "to raw fp32; --num {num} ({batched_precision}): {batched_chars_per_s:,.0f} chars/s ({batched_ratio:.1f}x "
+              "to raw fp32; with --words known (10,000 words) {known_words_chars_per_s:,.0f} chars/s ({known_words_ratio:.2f}x); "
+              "--num {num} ({batched_precision}): {batched_chars_per_s:,.0f} chars/s ({batched_ratio:.1f}x "
               "one stream; fp32 {batched_fp32_ratio:.1f}x); first character after {first_char_s:.2f} s; "
               "load average {load_average:.1f}",
     "startup": "{command}: {seconds:.3f} s",

@@ -99,7 +99,7 @@ def test_the_contrast_waits_for_the_language_model_then_rises_to_its_weight():
     weights = [contrast_weight(sc, step, 1000) for step in (0, 249, 250, 375, 500, 999)]
     assert weights == [0.0, 0.0, 0.0, 2.5, 5.0, 5.0]
     assert contrast_weight(sc, 10, 0) == 5.0  # the schedule's length unknown: the full weight
-    assert contrast_weight(SentimentConfig(unit=True, contrast_from=0.0), 0, 1000) == 5.0
+    assert contrast_weight(SentimentConfig(unit=True, contrast=5.0, contrast_from=0.0), 0, 1000) == 5.0
 
 
 def test_bad_binding_settings_are_refused_in_one_line():

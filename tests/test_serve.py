@@ -124,6 +124,29 @@ def test_sse_stop_strings_num_and_steering(served):
     assert got == want
 
 
+def test_words_known_spells_the_corpus_words_in_batched_requests_and_any_spells_freely(served):
+    """Unseeded requests at once share the step loop and one draw; each still spells only the model's words."""
+    from charrnn.lexicon import words
+
+    known = set(charrnn.load(served_models_path(served, "run")).lexicon.words)
+    results = {}
+
+    def ask(i, kind):
+        body = {"model": "run", "length": 300, "temperature": 1.5, "words": kind, "stream": False}
+        r = post(served, "/api/generate", body)
+        results[i] = (kind, r.json()["texts"] if r.status_code == 200 else r.text)
+
+    threads = [threading.Thread(target=ask, args=(i, "known" if i < 2 else "any")) for i in range(4)]  # 4 slots
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for kind, texts in results.values():
+        assert isinstance(texts, list), texts
+        spelt = {w for t in texts for w in words(t)[:-1]}  # the last word may be cut by the length
+        assert (spelt <= known) == (kind == "known"), (kind, spelt - known)
+
+
 def served_models_path(served, name: str) -> Path:
     return served.server.config.app.state.server.models[name].path
 

@@ -28,6 +28,13 @@ class Sentiment(str, Enum):
     negative = "negative"
 
 
+class Words(str, Enum):
+    """What sampling may spell (`sample --words`, charrnn/lexicon.py)."""
+
+    known = "known"
+    any = "any"
+
+
 class StateKind(str, Enum):
     """A state part a unit is read or fixed on (`sample --state`, `neuron find|show --state`)."""
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from charrnn.cli.errors import handle_errors
-from charrnn.cli.options import HOME, Device, Precision, RunDevice, Sentiment, StateKind
+from charrnn.cli.options import HOME, Device, Precision, RunDevice, Sentiment, StateKind, Words
 
 
 @handle_errors
@@ -26,6 +26,7 @@ def sample(
     no_prime_echo: Annotated[bool, typer.Option("--no-prime-echo", help="Print only the generated text, not the prime.")] = False,
     stop: Annotated[Optional[list[str]], typer.Option(metavar="<str>", help="End each sample at its first match of this text, e.g. --stop '\\n' (repeatable; \\n, \\t and \\\\ are newline, tab, backslash); generation ends when every sample has.", show_default=False)] = None,
     stop_keep: Annotated[bool, typer.Option("--stop-keep", help="Keep the matched --stop text at the end of the sample \\[default: cut it off].")] = False,
+    words: Annotated[Words, typer.Option(help="known = spell only words the model read in its corpus (often enough to trust; the list is kept in checkpoints), any = whatever the model spells.")] = Words.known,
     seed: Annotated[Optional[int], typer.Option(help="Random seed: the same seed gives the same text.")] = None,
     num: Annotated[int, typer.Option(help="Number of samples.")] = 1,
     jsonl: Annotated[bool, typer.Option("--jsonl", help='One JSON object per sample: {"text": ...}.')] = False,
@@ -52,7 +53,7 @@ def sample(
     prime = read_prime(prime, prime_file)
     cfg = SampleConfig(temperature=temp, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed, num=num,
                        precision=precision.value, guidance=guidance, stop=tuple(unescape(s) for s in stop or ()),
-                       stop_keep=stop_keep)
+                       stop_keep=stop_keep, words=words.value)
     validate(cfg)
     m = load(checkpoint, device.value, home=dir, on_warn=_warn)
     model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
@@ -74,12 +75,12 @@ def sample(
     if stream:
         sys.stdout.write(echo)
         sys.stdout.flush()
-        for chars in stream_chars(model, vocab, cfg, hook=hook):  # nothing kept: --length can be any size
+        for chars in stream_chars(model, vocab, cfg, hook=hook, lexicon=m.lexicon):  # nothing kept: --length can be any size
             sys.stdout.write(chars[0])
             sys.stdout.flush()
         sys.stdout.write("\n")
         return
-    texts = [echo + t[len(kept):] for t in generate(model, vocab, cfg, hook=hook)]
+    texts = [echo + t[len(kept):] for t in generate(model, vocab, cfg, hook=hook, lexicon=m.lexicon)]
     one_line = not any("\n" in t for t in texts)  # as --stop '\n' makes them: one per line, no blank lines between
     for i, t in enumerate(texts):
         if jsonl:

@@ -85,6 +85,7 @@ class GenerateRequest(BaseModel):
     neuron: Optional[int] = None
     value: Optional[float] = None
     state: Optional[Literal["c", "h", "c+h"]] = None
+    words: Literal["known", "any"] = "known"  # as `charrnn sample --words`
     stream: bool = True
     format: Literal["ndjson", "sse"] = "ndjson"
 
@@ -110,6 +111,7 @@ class CompletionRequest(BaseModel):
     seed: Optional[int] = None
     stream: bool = False
     echo: bool = False
+    words: Literal["known", "any"] = "known"  # charrnn's own: as `charrnn sample --words`
 
 
 # ---------------------------------------------------------------- the app
@@ -197,7 +199,7 @@ def sampling(limits: Limits, name: str, model, req: GenerateRequest | Completion
         check_finite(value=value)
         cfg = SampleConfig(temperature=req.temperature, top_k=getattr(req, "top_k", 0), top_p=req.top_p,
                            length=length, prime=prime, seed=req.seed, num=num, precision="fp32", guidance=guidance,
-                           stop=stops, stop_keep=getattr(req, "stop_keep", False))
+                           stop=stops, stop_keep=getattr(req, "stop_keep", False), words=req.words)
         from charrnn.sample import validate
 
         validate(cfg)

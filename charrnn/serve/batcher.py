@@ -21,7 +21,7 @@ import torch
 
 from charrnn.data import Vocab
 from charrnn.errors import CharRNNError
-from charrnn.sample import SampleConfig, default_prime, draw, seeded_generator
+from charrnn.sample import SampleConfig, default_prime, draw, seeded_generator, speller_for
 from charrnn.stops import StopStrings
 
 # a job's events: ("text", [new text of each sample]), ("end", [finish reason of each sample])
@@ -62,6 +62,7 @@ class Job:
         self.stops = StopStrings(cfg.stop, self.n, cfg.stop_keep) if cfg.stop else None
         self.done = 0  # characters drawn per sample
         self.state = self.logits = self.feed = None
+        self.speller = None  # with words "known": where each sample stands in the model's lexicon (charrnn/lexicon.py)
         self.cancelled = False  # set by the server's thread when the client goes away; read by the loop
         self._release = release
         self._over = False
@@ -115,7 +116,8 @@ class Batcher:
         self.device = self.module.head.weight.device
         self.chars = model.vocab
         self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.default_prime = default_prime(Vocab(self.chars))
+        self.vocab = Vocab(self.chars)
+        self.default_prime = default_prime(self.vocab)
         self.active: list[Job] = []
         self.steps = 0  # batched model steps run
         self.most_jobs = 0  # the most jobs one step has advanced together
@@ -180,9 +182,12 @@ class Batcher:
         try:
             state = self.module.init_state(job.rows, self.device)
             logits = None
+            job.speller = speller_for(job.cfg, self.model.lexicon, self.vocab, job.n)
             for ch in job.cfg.prime or self.default_prime:  # one character at a time, as `sample` feeds it
                 x = torch.full((job.rows,), self.stoi[ch], dtype=torch.long, device=self.device)
                 logits, state = self.module.step(x, state, job.hook)
+                if job.speller is not None:
+                    job.speller.feed(x[: job.n])
         except Exception as e:
             job.finish(("error", f"generation failed: {type(e).__name__}: {e}"))
             return
@@ -198,6 +203,8 @@ class Batcher:
         own generator, so its text is the one `charrnn sample --seed` gives."""
         groups: dict[tuple, list[Job]] = {}
         for job in self.active:
+            if job.speller is not None:
+                job.logits = job.speller.restrict(job.logits)
             if job.cfg.seed is None and job.rows == job.n:
                 groups.setdefault((job.cfg.temperature, job.cfg.top_k, job.cfg.top_p), []).append(job)
         shared = {id(j) for g in groups.values() if len(g) > 1 for j in g}
@@ -223,6 +230,8 @@ class Batcher:
         """Hand on the job's next characters; the job leaves when it is done."""
         self._done.append(job)
         job.done += 1
+        if job.speller is not None:
+            job.speller.feed(nxt)
         chars = [self.chars[j] for j in nxt.tolist()]
         text = job.stops.feed(chars) if job.stops else chars
         ended = job.done >= job.cfg.length or (job.stops is not None and job.stops.all_stopped)

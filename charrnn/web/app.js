@@ -36,6 +36,7 @@ function request() {
     length: Number($("length").value),
     temperature: Number($("temperature").value),
     top_p: Number($("top_p").value),
+    words: $("words").value,
   };
   if ($("seed").value !== "") body.seed = Number($("seed").value);
   const m = models[body.model];
