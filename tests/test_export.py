@@ -66,7 +66,8 @@ def test_export_holds_the_model_alone_in_standard_files(run, tmp_path):
     out = tmp_path / "exp"
     r = export_cli(run, out)
     path, ck = ckm.open_checkpoint(run)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sentiment.json", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "sentiment.json", "vocab.json",
+                                                     "words.txt"]
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:  # the reference reader
         assert sorted(f.keys()) == sorted(ck["model"])  # the weights only: no optimiser, RNG or carried state
         for k in f.keys():
@@ -184,7 +185,7 @@ def test_existing_folder_is_refused_without_force_and_only_an_export_is_replaced
     del ck["sentiment"]
     ckm.save(tmp_path / "plain.safetensors", ck)
     export_cli(tmp_path / "plain.safetensors", out, "--force")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.json", "words.txt"]
     assert leftovers(tmp_path) == []
     # but never a folder holding anything else, such as a run
     r = cli("export", run, "-o", run, "--force")
