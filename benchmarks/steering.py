@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from charrnn.sample import WORDS
+
 from fluency import distinct_ngram_share, real_word_share, real_words
 
 # --words-from's default, looked for beside HELDOUT.tsv: review text a run trained on the README or
@@ -125,7 +127,7 @@ def main() -> None:
     ap.add_argument("--loss-reviews", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--samples-out", help="write every sample as JSON lines here")
-    ap.add_argument("--words", choices=("known", "any"), default="known",
+    ap.add_argument("--words", choices=WORDS, default="known",
                     help="as sample --words: known spells only the corpus's words (the checkpoint's list) [default: known]")
     ap.add_argument("--guidance", type=float, default=None, help="as sample --guidance [default: sample's, 0.25]")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="as sample --precision")

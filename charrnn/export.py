@@ -29,6 +29,7 @@ from charrnn.atomicfile import _fsync_dir, atomic_write_text
 from charrnn.ckptfile import FORMAT, FORMAT_VERSION, container_parts, read_tensors
 from charrnn.ckptmodel import check_payload
 from charrnn.errors import CheckpointError
+from charrnn.lexicon import Lexicon
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -107,9 +108,9 @@ def export(ck: dict, source: Path, out: Path, force: bool = False) -> Exported:
         from charrnn.neuron.steer import upgrade_record
 
         texts[RECORD_FILE] = json.dumps(upgrade_record(ck["sentiment"]), indent=1) + "\n"
-    if ck.get("lexicon"):
-        rec = ck["lexicon"]
-        texts[WORDS_FILE] = f"min_count {rec['min_count']}\n" + "".join(w + "\n" for w in rec["words"].split(" ") if w)
+    lexicon = Lexicon.from_record(ck.get("lexicon"))
+    if lexicon is not None:
+        texts[WORDS_FILE] = f"min_count {lexicon.min_count}\n" + "".join(w + "\n" for w in lexicon.words)
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +225,7 @@ def _words(path: Path, again: str) -> dict:
         key, count = head.split(" ")
         if key != "min_count" or any(" " in w for w in words):
             raise ValueError
-        return {"min_count": int(count), "words": " ".join(w for w in words if w)}
+        return Lexicon(tuple(w for w in words if w), int(count)).to_record()
     except (OSError, UnicodeDecodeError, ValueError):
         raise CheckpointError(f"{path} is not an export's word list ('min_count N', then one word per line); {again}") from None
 

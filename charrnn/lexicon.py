@@ -92,8 +92,8 @@ class Lexicon:
 
 
 class _Tree:
-    """The prefix tree as two tables over a vocabulary: `allowed[node]` (V,) which characters may come
-    next, and `next[node, c]` the node after character c. Node 0 is between words; FREE is inside a
+    """The prefix tree as two tables over a vocabulary: `blocked[node]` (V,) which characters may not come
+    next, and `next_flat[node * V + c]` the node after character c. Node 0 is between words; FREE is inside a
     word the tree does not know (from the prime), where everything is allowed until the word ends;
     QUOTE is just after a quote that closed a word."""
 
@@ -132,9 +132,13 @@ class _Tree:
             allowed[:, cols] |= has
             nxt[:, cols] = torch.where(has, of_col, nxt[:, cols])
         allowed[~allowed.any(dim=1)] = True  # a node nothing leaves (the vocabulary lacks a letter): no constraint
-        self.allowed, self.next, self.free = allowed, nxt, free
         # what each sampling step reads: the characters ruled out, and the next node by node * V + character
-        self.blocked, self.next_flat, self.width = ~allowed, nxt.view(-1), len(chars)
+        self.blocked, self.next_flat, self.width, self.free = ~allowed, nxt.view(-1), len(chars), free
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """(nodes, V): which characters may come next at each node."""
+        return ~self.blocked
 
 
 def _kind(ch: str) -> str | None:
