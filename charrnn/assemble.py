@@ -80,7 +80,7 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
     asked = pick_device(cfg.device)  # under torchrun each process takes a device of this type
     # a --precision that cannot run: refused before any measuring and before the run folder is made
     check_available(cfg.precision, asked)
-    sizer = _sizer(cfg, len(vocab), init, asked.type)
+    sizer = _sizer(cfg, len(vocab), len(train_data), init, asked.type)
     cfg = resolve(cfg, len(train_data), time_budget(cfg), asked.type,
                   arch=init["model_config"] if init is not None else None, measure=sizer)
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
@@ -114,14 +114,14 @@ def _bound_unit(cfg: TrainConfig, init: dict | None) -> int | None:
     return (init or {}).get("model_config", {}).get("bound_unit")
 
 
-def _sizer(cfg: TrainConfig, vocab_size: int, init: dict | None, device_type: str) -> Sizer | None:
+def _sizer(cfg: TrainConfig, vocab_size: int, train_chars: int, init: dict | None, device_type: str) -> Sizer | None:
     """The measurement of this machine's speed that sizes a new CPU run with a time budget (charrnn/sizing.py);
     None where the width is not the run's to choose by speed (--init-from's, a GPU's table) or where the
     processes of a torchrun job could measure differently (the reference CPU's speeds choose for all of them)."""
     budget = time_budget(cfg)
     if budget is None or init is not None or device_type != "cpu" or Dist.from_env().enabled:
         return None
-    return Sizer(vocab_size, budget)
+    return Sizer(vocab_size, budget, train_chars)
 
 
 def _sizing_event(cfg: TrainConfig, record: dict) -> SizingEvent:

@@ -207,6 +207,13 @@ WIDTHS_ENV = "CHARRNN_WIDTHS"
 # reference CPU (2x256 21,000 chars/s, 2x384 10,500, 2x512 6,000) its crossovers, 384 from 15 minutes and
 # 512 from an hour, fell at 3.9 and 5.1 characters per parameter; 5 keeps the hour and moves the first to 19 min.
 CHARS_PER_PARAM = 5.0
+# ... when the width reads its training text at least once in the budget. A budget that reads less than one
+# pass sees only fresh text, where a wider model pays sooner. Fitted on the review corpus of issue 19 (11.2M
+# chars, 15 minutes, one thread; characters each run read per parameter, docs/training.md): the LSTM's 2x384
+# lost to its 2x256 plain (read 0.95 against 5.1; 1.6037 against 1.5442) and bound (0.68 against 4.6;
+# 1.5677 against 1.4952); the GRU's 2x384 won plain at 1.54 (1.4677 against 1.4874 at 7.2) and lost bound at
+# 0.83. So the crossover lies between 1 and 4 for the LSTM, lower for the GRU.
+FRESH_CHARS_PER_PARAM = 2.0
 # On a CUDA GPU a step of a wider model costs little more than a narrow one (the recurrence is
 # latency-bound), so the GPU gets more streams and more width for the same budget (README: "On a GPU").
 GPU_SIZE_BY_BUDGET = [(900, 512), (float("inf"), 1024)]
@@ -256,7 +263,7 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
         if measure is not None and budget_s is not None and len(widths) > 1:
             measured = measure(out, widths)
         speeds = measured or reference_speeds(out, widths)
-        out = replace(out, hidden=width_for(speeds, budget_s if budget_s is not None else DEFAULT_TIME_S))
+        out = replace(out, hidden=width_for(speeds, budget_s if budget_s is not None else DEFAULT_TIME_S, train_chars))
     if out.lr is None:
         out = replace(out, lr=round(min(BASE_LR, BASE_LR * math.sqrt(256 / out.hidden)), 6))
     if out.dropout is None:
@@ -310,10 +317,18 @@ def chars_per_param(speed: Speed, budget_s: float) -> float:
     return budget_s * speed.chars_per_s / max(speed.params, 1)
 
 
-def width_for(speeds: dict[int, Speed], budget_s: float) -> int:
-    """The rule: the widest width that reads at least CHARS_PER_PARAM training characters per parameter
-    in the budget; the narrowest when none does."""
-    fit = [h for h, s in speeds.items() if chars_per_param(s, budget_s) >= CHARS_PER_PARAM]
+def rule_for(speed: Speed, budget_s: float, train_chars: int | None) -> float:
+    """The characters per parameter a width must read in the budget: CHARS_PER_PARAM, or FRESH_CHARS_PER_PARAM
+    where it reads less than its training text once (a corpus this budget cannot repeat)."""
+    if train_chars is not None and budget_s * speed.chars_per_s < train_chars:
+        return FRESH_CHARS_PER_PARAM
+    return CHARS_PER_PARAM
+
+
+def width_for(speeds: dict[int, Speed], budget_s: float, train_chars: int | None = None) -> int:
+    """The rule: the widest width that reads at least `rule_for` training characters per parameter in the
+    budget; the narrowest when none does."""
+    fit = [h for h, s in speeds.items() if chars_per_param(s, budget_s) >= rule_for(s, budget_s, train_chars)]
     return max(fit) if fit else min(speeds)
 
 

@@ -40,7 +40,7 @@ class SizingEvent:
     chars_per_s: dict[int, float]  # training speed by width, narrowest first: those the rule weighed
     chars_per_param: dict[int, float]  # the training characters per parameter each would read in the budget
     hidden: int  # the width chosen: the widest with at least `rule` characters per parameter
-    rule: float  # config.CHARS_PER_PARAM
+    rule: float  # the characters per parameter the chosen width had to read (config.rule_for)
     budget_s: float
     timed: tuple[int, ...]  # the widths timed now; the others' speeds came from the cache
     seconds: float  # what the measurement took

@@ -27,7 +27,8 @@ trains at close to full speed).
 Bound unit. A model with `bound_unit = k` (trained with `--sentiment-unit`) holds unit k of the top
 layer's h at a written value at every step, 0 unless `forward(..., write=Write(values))` or a hook
 writes it: the rest of the network reads the unit only as that value, while the unit's own cell
-state (nothing else reads it) is what it reads of the text. An LSTM runs this on the fused kernel.
+state (nothing else reads it) is what it reads of the text. The LSTM, GRU and RNN run this on the
+fused kernel (`_bound_top`, `_bound_top_gru`); the custom cells hold the unit step by step.
 
 `charrnn gradients` uses the hook to reach every hidden state; `step(idx, state, hook)` calls the
 same hook (with t = 0) after each layer of a single step, so sampling with a fixed unit sees
@@ -83,7 +84,7 @@ class Write:
     values: torch.Tensor
     read: torch.Tensor | None = None
     # optional: run the top layer a second time for `rows` (R,) with `other` (R, T) written, on the same
-    # input from below; its logits go to `other_logits` (the LSTM's fused path only; else left None)
+    # input from below; its logits go to `other_logits` (the fused cells' path only; else left None)
     rows: torch.Tensor | None = None
     other: torch.Tensor | None = None
     other_logits: torch.Tensor | None = None
@@ -420,44 +421,94 @@ class CharRNN(nn.Module):
         pinned.first_layer = min(top, getattr(hook, "first_layer", 0)) if hook is not None else top
         return pinned
 
-    def _run_bound_lstm(self, x: torch.Tensor, state: State, write: Write | None) -> tuple[torch.Tensor, State]:
-        """A bound LSTM on the fused kernel: the same numbers as holding the unit's h at the written
-        values step by step (`_pinned`). With `write.rows`, the top layer runs a second time for those
-        rows with `write.other` written, on the same input from below (`write.other_logits`)."""
+    def _run_bound_fused(self, x: torch.Tensor, state: State, write: Write | None) -> tuple[torch.Tensor, State]:
+        """A bound LSTM, GRU or RNN on the fused kernel: the same numbers as holding the unit's h at the
+        written values step by step (`_pinned`). With `write.rows`, the top layer runs a second time for
+        those rows with `write.other` written, on the same input from below (`write.other_logits`)."""
         top = self.config.layers - 1
         finals: list[LayerState] = []
         if top > 0:
             x, finals = self._run_fused_layers(x, state, top)
             x = self.drop(x)  # between layers, as nn.LSTM's dropout
         values = write.values if write is not None else x.new_zeros(x.shape[:2])
-        h0, c0 = state[0][top], state[1][top]
-        out, last = self._bound_top(x, h0, c0, values, write)
+        top_state = tuple(s[top] for s in state)
+        out, last = self._bound_top(x, top_state, values, write)
         finals.append(last)
         if write is not None and write.rows is not None:
             rows = write.rows
-            other, _ = self._bound_top(x[rows], h0[rows], c0[rows], write.other, None)
+            other, _ = self._bound_top(x[rows], tuple(s[rows] for s in top_state), write.other, None)
             write.other_logits = self.head(self.drop(other))
         return out, tuple(torch.stack(parts) for parts in zip(*finals))
 
-    def _bound_top(self, x, h0, c0, values, write: Write | None) -> tuple[torch.Tensor, LayerState]:
-        """The bound top layer on the fused kernel. A held h_{t-1} reaches the gates only through its
-        column of W_hh, so that column moves to an extra input channel that carries the values held a
-        step before, and the unit's own output is masked out of the recurrence and replaced in the output."""
-        c, top, unit = self.config, self.config.layers - 1, self.config.bound_unit
+    def _top_weights(self) -> tuple[torch.Tensor, ...]:
+        top = self.config.layers - 1
+        return tuple(getattr(self.rnn, f"{n}_l{top}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+    def _bound_top(self, x, state: LayerState, values, write: Write | None) -> tuple[torch.Tensor, LayerState]:
+        """The bound top layer on the fused kernel. For the LSTM and the RNN a held h_{t-1} reaches the
+        gates only through its column of W_hh, added to the rest, so that column moves to an extra input
+        channel that carries the values held a step before; the unit's own output is masked out of the
+        recurrence and replaced in the output. (The GRU multiplies it by the reset gate: `_bound_top_gru`.)"""
+        if self.config.cell == "gru":
+            return self._bound_top_gru(x, state[0], values, write)
+        unit, lstm = self.config.bound_unit, self.config.cell == "lstm"
         values = values.to(x.dtype)
-        w_ih, w_hh, b_ih, b_hh = (getattr(self.rnn, f"{n}_l{top}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-        keep = torch.ones(c.hidden, dtype=w_hh.dtype, device=w_hh.device)
+        w_ih, w_hh, b_ih, b_hh = self._top_weights()
+        h0 = state[0]
+        keep = torch.ones(w_hh.shape[1], dtype=w_hh.dtype, device=w_hh.device)
         keep[unit] = 0
         w_in = torch.cat([w_ih, w_hh[:, unit:unit + 1]], 1)
         w_rec = w_hh * keep  # the unit's own output reaches no gate: its column is zero
         # step t's gates see h_{t-1}: the value written at the step before (the carried state's at t = 0)
         held = torch.cat([h0[:, unit:unit + 1].to(x.dtype), values[:, :-1]], 1)
         xin = torch.cat([x, held.unsqueeze(-1)], -1)
-        out, h, cell = torch.lstm(xin, (h0[None].contiguous(), c0[None].contiguous()), [w_in, w_rec, b_ih, b_hh],
-                                  True, 1, 0.0, self.training, False, True)
+        args = ([w_in, w_rec, b_ih, b_hh], True, 1, 0.0, self.training, False, True)
+        if lstm:
+            out, h, cell = torch.lstm(xin, (h0[None].contiguous(), state[1][None].contiguous()), *args)
+        else:
+            out, h = torch.rnn_tanh(xin, h0[None].contiguous(), *args)
+        if write is not None:  # the unit's own value: its cell state, or for the RNN its h (the kernel's)
+            write.read = self._unit_cells(xin, out, h0, state[1][:, unit], w_in, w_rec, b_ih + b_hh) if lstm else out[..., unit]
+        last = set_unit(h[0], unit, values[:, -1])
+        return set_unit(out, unit, values), ((last, cell[0]) if lstm else (last,))
+
+    def _bound_top_gru(self, x, h0, values, write: Write | None) -> tuple[torch.Tensor, LayerState]:
+        """The bound top layer of a GRU on the fused kernel. The GRU's candidate reads h_{t-1} as
+        r_t * (W_hn h_{t-1} + b_hn), so the held value cannot enter as an input added to the gates.
+        Instead the bound unit itself carries it through the kernel: its update gate is shut (bias -100)
+        and its candidate is tanh of an input channel holding atanh(value), so its h at step t is the
+        value written at step t, what step t + 1's gates read. What the unit reads of the text, its
+        own h as the GRU would compute it, comes from its original rows of weights (`_gru_unit_read`)."""
+        H, unit = self.config.hidden, self.config.bound_unit
+        values = values.to(x.dtype)
+        w_ih, w_hh, b_ih, b_hh = self._top_weights()
+        ours = torch.zeros(3 * H, dtype=torch.bool, device=w_ih.device)
+        ours[[unit, H + unit, 2 * H + unit]] = True  # the unit's r, z and n rows
+        channel = torch.zeros(3 * H, w_ih.shape[1] + 1, dtype=w_ih.dtype, device=w_ih.device)
+        channel[2 * H + unit, -1] = 1.0  # its candidate reads the channel alone
+        shut = torch.zeros(3 * H, dtype=b_ih.dtype, device=b_ih.device)
+        shut[H + unit] = -100.0  # its update gate closed: h_t = its candidate
+        w_in = torch.where(ours[:, None], channel, F.pad(w_ih, (0, 1)))
+        w_rec = torch.where(ours[:, None], 0.0, w_hh)
+        b_in, b_rec = torch.where(ours, shut, b_ih), torch.where(ours, 0.0, b_hh)
+        edge = 1.0 - torch.finfo(values.dtype).eps  # tanh(atanh(v)) = v for |v| < 1; a GRU's h never reaches 1
+        xin = torch.cat([x, values.clamp(-edge, edge).atanh().unsqueeze(-1)], -1)
+        out, h = torch.gru(xin, h0[None].contiguous(), [w_in, w_rec, b_in, b_rec], True, 1, 0.0, self.training, False, True)
         if write is not None:
-            write.read = self._unit_cells(xin, out, h0, c0[:, unit], w_in, w_rec, b_ih + b_hh)
-        return set_unit(out, unit, values), (set_unit(h[0], unit, values[:, -1]), cell[0])
+            write.read = self._gru_unit_read(x, out, h0, (w_ih, w_hh, b_ih, b_hh))
+        return set_unit(out, unit, values), (set_unit(h[0], unit, values[:, -1]),)
+
+    def _gru_unit_read(self, x, out, h0, weights) -> torch.Tensor:
+        """(B, T): the bound unit's own h at every step, (1 - z_t) n_t + z_t v_{t-1}, from its original
+        rows of weights and the layer's h_{t-1} (the kernel's outputs, the unit holding its written value)."""
+        H, unit = self.config.hidden, self.config.bound_unit
+        w_ih, w_hh, b_ih, b_hh = weights
+        rows = [unit, H + unit, 2 * H + unit]  # its r, z, n
+        h_prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], 1)  # (B, T, H)
+        gi, gh = F.linear(x, w_ih[rows], b_ih[rows]), F.linear(h_prev, w_hh[rows], b_hh[rows])  # (B, T, 3)
+        r, z = torch.sigmoid(gi[..., 0] + gh[..., 0]), torch.sigmoid(gi[..., 1] + gh[..., 1])
+        n = torch.tanh(gi[..., 2] + r * gh[..., 2])
+        return (1 - z) * n + z * h_prev[..., unit]
 
     def _unit_cells(self, xin, out, h0, c0, w_in, w_rec, bias) -> torch.Tensor:
         """(B, T): the bound unit's cell state at every step, recomputed from the kernel's outputs (the
@@ -488,8 +539,8 @@ class CharRNN(nn.Module):
             state = self.init_state(idx.shape[0], idx.device)
         x = self.embedding(idx)  # (B, T, E)
         bound = self.config.bound_unit is not None
-        if bound and hook is None and self.config.cell == "lstm":
-            out, state = self._run_bound_lstm(x, state, write)  # the fused kernel, the unit written
+        if bound and hook is None and self.fused:
+            out, state = self._run_bound_fused(x, state, write)  # the fused kernel, the unit written
         elif self.fused and hook is None and not bound:
             out, state = self._run_fused(x, state)  # (B, T, H)
         else:
@@ -530,11 +581,9 @@ class CharRNN(nn.Module):
                 x = finals[-1][0]
             return self.head(x), tuple(torch.stack(parts) for parts in zip(*finals))
         hs, cs = [], []
+        weights = self.rnn._flat_weights  # w_ih, w_hh, b_ih, b_hh per layer, kept current by nn.RNNBase
         for layer in range(c.layers):
-            w_ih = getattr(self.rnn, f"weight_ih_l{layer}")
-            w_hh = getattr(self.rnn, f"weight_hh_l{layer}")
-            b_ih = getattr(self.rnn, f"bias_ih_l{layer}")
-            b_hh = getattr(self.rnn, f"bias_hh_l{layer}")
+            w_ih, w_hh, b_ih, b_hh = weights[4 * layer:4 * layer + 4]
             h = state[0][layer]
             if c.cell == "lstm":
                 h, cell = torch.lstm_cell(x, (h, state[1][layer]), w_ih, w_hh, b_ih, b_hh)

@@ -3,23 +3,25 @@ the speeds cached per machine, and config.width_for's rule applied to them (conf
 
 The rule weighs characters read per parameter in the budget, so it needs the speed of the machine at hand:
 a table of widths by budget, measured once on one CPU, gives a machine twice as fast (or one training in
-bf16) the same model as the old one. Timing the candidates at the run's own batch, window, depth, precision
-and thread count costs a few seconds, narrowest first, stopping at the first width the budget is too short
-for (a wider one reads fewer characters per parameter still). The speeds are remembered in
+bf16) the same model as the old one. Timing the candidates at the run's own batch, window, depth, precision,
+thread count and binding (`train --sentiment-unit`: its contrast pass and reading loss are part of the
+budget) costs a few seconds, narrowest first, stopping at the first width the budget is too short for (a
+wider one reads fewer characters per parameter still). The speeds are remembered in
 `cache_dir()/sizing/speeds.json`, keyed by the machine and the shape, so the next run pays nothing.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from charrnn.config import CHARS_PER_PARAM, Speed, TrainConfig, chars_per_param
+from charrnn.config import Speed, TrainConfig, chars_per_param, rule_for
 from charrnn.device import cpu_has_bf16, machine_key
-from charrnn.model import CharRNN, ModelConfig
+from charrnn.model import CharRNN, ModelConfig, Write
 
 WARMUP_STEPS = 1  # the first step allocates Adam's moments and picks the kernels: not what a step costs after
 MIN_STEPS, MAX_STEPS = 2, 6  # timed steps per width: at least MIN_STEPS, more while under STEP_SECONDS
@@ -41,9 +43,11 @@ def _modes(asked: str) -> tuple[str, ...]:
 
 
 def cache_key(cfg: TrainConfig, hidden: int, vocab_size: int) -> str:
-    """The shape (cell, depth, width, batch, window, vocabulary) and the machine (CPU, torch, threads, precision)."""
+    """The shape (cell, depth, width, batch, window, vocabulary, binding) and the machine (CPU, torch, threads,
+    precision)."""
+    bound = f" bound {cfg.sentiment.fixed:g}" if cfg.sentiment.unit else ""
     return (f"{cfg.cell} {cfg.layers}x{hidden} embed {cfg.embed} vocab {vocab_size} batch {cfg.batch_size} "
-            f"seq {cfg.seq_len} | {machine_key()} | "
+            f"seq {cfg.seq_len}{bound} | {machine_key()} | "
             f"precision {'+'.join(_modes(cfg.precision))}")
 
 
@@ -72,14 +76,15 @@ def time_width(cfg: TrainConfig, hidden: int, vocab_size: int) -> tuple[Speed, s
     (bf16 only when clearly faster, as precision.choose decides)."""
     from charrnn.precision import BF16_MIN_SPEEDUP
 
-    model = CharRNN(ModelConfig(vocab_size, cfg.cell, cfg.layers, hidden, cfg.embed, 0.0)).train()
+    bound = 0 if cfg.sentiment.unit else None
+    model = CharRNN(ModelConfig(vocab_size, cfg.cell, cfg.layers, hidden, cfg.embed, 0.0, bound)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     idx = torch.randint(vocab_size, (cfg.batch_size, cfg.seq_len + 1))
     state = model.init_state(cfg.batch_size, torch.device("cpu"))
     seconds = {}
     for mode in _modes(cfg.precision):
         try:
-            seconds[mode] = _seconds_per_step(model, optimizer, idx, state, mode == "bf16")
+            seconds[mode] = _seconds_per_step(model, optimizer, idx, state, mode == "bf16", _binding(cfg))
         except RuntimeError:  # a kernel without bf16 on this CPU: that precision is not an option
             continue
     if not seconds:
@@ -89,13 +94,32 @@ def time_width(cfg: TrainConfig, hidden: int, vocab_size: int) -> tuple[Speed, s
     return Speed(cfg.batch_size * cfg.seq_len / seconds[best], model.num_params()), best
 
 
-def _seconds_per_step(model: CharRNN, optimizer, idx: torch.Tensor, state: tuple, bf16: bool) -> float:
+def _binding(cfg: TrainConfig) -> Write | None:
+    """What a bound run's step writes and reruns (neuron/bind.py), for timing it: the fixed share of the streams
+    hold +-tanh(value) and run the top layer a second time with the opposite value (the contrast), every
+    stream reads the unit (the reading loss). None for a plain run."""
+    if not cfg.sentiment.unit:
+        return None
+    sc = cfg.sentiment
+    signs = torch.where(torch.arange(cfg.batch_size) % 2 == 0, 1.0, -1.0)
+    values = (signs * math.tanh(sc.value))[:, None].expand(cfg.batch_size, cfg.seq_len).contiguous()
+    rows = torch.arange(max(1, round(sc.fixed * cfg.batch_size)))[: sc.contrast_rows]
+    return Write(values, rows=rows, other=-values[rows])
+
+
+def _seconds_per_step(model: CharRNN, optimizer, idx: torch.Tensor, state: tuple, bf16: bool,
+                      binding: Write | None = None) -> float:
     times: list[float] = []
     start = time.perf_counter()
     for i in range(WARMUP_STEPS + MAX_STEPS):
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, loss, _ = model(idx[:, :-1], idx[:, 1:], state)
+            write = None if binding is None else Write(binding.values, rows=binding.rows, other=binding.other)
+            _, loss, _ = model(idx[:, :-1], idx[:, 1:], state, write=write)
+            if write is not None:  # the reading loss and the contrast's second pass, as a bound run pays them
+                loss = loss + write.read.float().square().mean()
+                if write.other_logits is not None:
+                    loss = loss + write.other_logits.float().logsumexp(-1).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -115,6 +139,7 @@ class Sizer:
 
     vocab_size: int
     budget_s: float
+    train_chars: int | None = None  # the run's training text: a budget that cannot read it once lowers the rule
     speeds: dict[int, Speed] = field(default_factory=dict)  # by width, as the rule weighed them
     timed: list[int] = field(default_factory=list)  # widths timed now (the others came from the cache)
     seconds: float = 0.0  # the measurement's wall-clock time
@@ -136,7 +161,7 @@ class Sizer:
                     remember(key, speed, mode)
                     self.timed.append(h)
                 self.speeds[h] = speed
-                if chars_per_param(speed, self.budget_s) < CHARS_PER_PARAM:
+                if chars_per_param(speed, self.budget_s) < rule_for(speed, self.budget_s, self.train_chars):
                     break  # a wider model reads fewer characters per parameter still
         self.seconds = time.perf_counter() - start
         self._no_slower_than_wider()
@@ -158,5 +183,6 @@ class Sizer:
         return {"chars_per_s": {str(h): round(s.chars_per_s, 1) for h, s in self.speeds.items()},
                 "params": {str(h): s.params for h, s in self.speeds.items()},
                 "chars_per_param": {str(h): round(chars_per_param(s, self.budget_s), 2) for h, s in self.speeds.items()},
-                "hidden": chosen, "rule_chars_per_param": CHARS_PER_PARAM, "budget_s": self.budget_s,
+                "hidden": chosen, "rule_chars_per_param": rule_for(self.speeds[chosen], self.budget_s, self.train_chars),
+                "budget_s": self.budget_s,
                 "timed": list(self.timed), "seconds": round(self.seconds, 2)}

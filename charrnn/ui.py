@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from charrnn.config import CHARS_PER_PARAM
 from charrnn.events import (EndEvent, EvalEvent, RollbackEvent, SizingEvent, StartEvent, StepEvent, TrainEvents,
                             WarnEvent)
 
@@ -66,8 +67,9 @@ def sizing_line(e: SizingEvent) -> str:
     if len(e.timed) not in (0, len(e.chars_per_s)):
         how += f", {len(e.chars_per_s) - len(e.timed)} cached"
     why = ("the widest reading at least" if e.chars_per_param[e.hidden] >= e.rule else "the narrowest: none reads")
+    fresh = " (less than one pass over the text)" if e.rule < CHARS_PER_PARAM else ""
     return (f"sizing: {speeds} [{how}]; chose {e.layers}x{e.hidden}, {why} {e.rule:g} training chars per "
-            f"parameter in {fmt_duration(e.budget_s)}")
+            f"parameter in {fmt_duration(e.budget_s)}{fresh}")
 
 
 class TrainDisplay(TrainEvents):

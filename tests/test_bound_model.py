@@ -17,9 +17,10 @@ def _no_op(layer, t, state):  # a hook that changes nothing: forces the step-by-
     return state
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("layers", [1, 2])
-def test_the_fused_path_gives_the_step_by_step_numbers(layers):
-    m = _model("lstm", layers)
+def test_the_fused_path_gives_the_step_by_step_numbers(cell, layers):
+    m = _model(cell, layers)
     idx = torch.randint(11, (4, 9))
     values = torch.randn(4, 9, dtype=torch.float64).tanh()
     state = tuple(s.double() + 0.1 for s in m.init_state(4))
@@ -29,13 +30,15 @@ def test_the_fused_path_gives_the_step_by_step_numbers(layers):
     torch.testing.assert_close(logits_f, logits_s)
     for a, b in zip(st_f, st_s):
         torch.testing.assert_close(a, b)
-    torch.testing.assert_close(fast.read, slow.read)  # the unit's own cell state at every step
-    torch.testing.assert_close(fast.read[:, -1], st_f[1][-1, :, 3])
+    torch.testing.assert_close(fast.read, slow.read)  # the unit's own cell state (or h) at every step
+    if cell == "lstm":
+        torch.testing.assert_close(fast.read[:, -1], st_f[1][-1, :, 3])
     assert torch.equal(st_f[0][-1, :, 3], values[:, -1])  # h holds the written value
 
 
-def test_gradients_agree_between_the_two_paths():
-    m = _model("lstm")
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_gradients_agree_between_the_two_paths(cell):
+    m = _model(cell)
     idx, y = torch.randint(11, (3, 6)), torch.randint(11, (3, 6))
     values = torch.randn(3, 6, dtype=torch.float64).tanh()
     grads = []
@@ -78,9 +81,10 @@ def test_the_written_value_changes_what_it_writes_and_an_unbound_model_is_unchan
     torch.testing.assert_close(plain(idx)[0], same(idx, hook=_no_op)[0])
 
 
-def test_the_second_pass_for_some_rows_equals_running_them_alone():
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_the_second_pass_for_some_rows_equals_running_them_alone(cell):
     """The contrast of train --sentiment-unit: rows run again with other values share the layers below."""
-    m = _model("lstm")
+    m = _model(cell)
     idx = torch.randint(11, (5, 6))
     values = torch.randn(5, 6, dtype=torch.float64).tanh()
     state = tuple(s.double() + 0.05 for s in m.init_state(5))
@@ -110,3 +114,18 @@ def test_bad_binding_settings_are_refused_in_one_line():
         with pytest.raises(UsageError) as e:
             validate(TrainConfig(sentiment=SentimentConfig(unit=True, **bad)))
         assert "\n" not in str(e.value)
+
+
+def test_a_gru_holds_values_at_the_edge_of_tanh_in_float32():
+    """The GRU's fused path carries the value through tanh(atanh(v)): v = +-1 (tanh of a large fix value in
+    float32) must still give the step-by-step numbers, not infinities."""
+    torch.manual_seed(0)
+    m = CharRNN(ModelConfig(vocab_size=11, cell="gru", layers=2, hidden=8, embed=5, bound_unit=3))
+    idx = torch.randint(11, (3, 7))
+    values = torch.tensor([1.0, -1.0, 0.0]).repeat_interleave(7).view(3, 7)
+    fast, slow = Write(values), Write(values)
+    logits_f, _, _ = m(idx, write=fast)
+    logits_s, _, _ = m(idx, write=slow, hook=_no_op)
+    assert torch.isfinite(logits_f).all() and torch.isfinite(fast.read).all()
+    torch.testing.assert_close(logits_f, logits_s, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast.read, slow.read, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """A CPU run's width from this machine's measured speed: the rule, the measurement and its cache, and a run that uses them."""
 
 import pytest
+import torch
 
 from charrnn import checkpoint as ckm
 from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, resolve,
@@ -170,3 +171,34 @@ def test_cache_clear_deletes_the_measurements_so_the_next_run_measures_again(big
     r = run_cli("train", big_corpus, "--time", "1s", *TINY_SHAPE, "--run", "c")
     line = next(x for x in r.stderr.splitlines() if x.startswith("sizing:"))
     assert r.exit_code == 0 and "measured in" in line and cache_file().exists(), line
+
+
+def test_a_corpus_the_budget_cannot_read_once_gets_a_wider_model():
+    """Fresh text all the way: the rule asks FRESH_CHARS_PER_PARAM of a width that reads less than its corpus once."""
+    from charrnn.config import FRESH_CHARS_PER_PARAM, rule_for
+
+    old = _speeds(OLD_SPEEDS)
+    small, big = 1_000_000, 200_000_000  # tiny Shakespeare; a corpus no width reads once in 15 minutes
+    assert width_for(old, 900, small) == width_for(old, 900) == 256
+    assert width_for(old, 900, big) > 256
+    h = width_for(old, 900, big)
+    assert rule_for(old[h], 900, big) == FRESH_CHARS_PER_PARAM <= chars_per_param(old[h], 900)
+    assert rule_for(old[256], 900, small) == CHARS_PER_PARAM
+
+
+def test_a_bound_run_times_its_binding_and_caches_it_apart():
+    """The binding's contrast pass and reading loss are part of a bound run's budget: its widths are timed
+    bound (the model holds its unit, the contrast's rows run twice) and cached under their own key."""
+    from charrnn.config import SentimentConfig
+    from charrnn.sizing import _binding, cache_key, time_width
+
+    plain = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1, hidden=16), 10_000, 60)
+    bound = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1, hidden=16,
+                                sentiment=SentimentConfig(unit=True)), 10_000, 60)
+    assert cache_key(plain, 16, 20) != cache_key(bound, 16, 20)
+    assert _binding(plain) is None
+    write = _binding(bound)
+    assert write.values.shape == (4, 8) and write.rows.tolist() == [0, 1, 2] and torch.equal(write.other, -write.values[:3])
+    speed, mode = time_width(bound, 16, 20)
+    assert speed.chars_per_s > 0 and mode in ("fp32", "bf16")
+    assert speed.params == CharRNN(ModelConfig(20, "lstm", 1, 16, 0, 0.0, 0)).num_params()

@@ -16,8 +16,9 @@ of `sample --sentiment`). Reviews are split (seeded) into:
   * `read` = N > 0: a reading pass instead: each step also runs N labeled texts of the training
     split (their last `read_chars` characters, each from the zero state, exactly as `neuron find`
     runs them), with the loss on the unit after the last character, where `neuron find` reads.
-An LSTM trains on the fused kernel throughout (the written value enters as an input channel; see
-`CharRNN._run_bound_lstm`); other cells run their top layer step by step. Until this design the unit
+The LSTM, GRU and RNN train on the fused kernel throughout (the written value enters as an input
+channel, or for the GRU as an extra unit; see `CharRNN._bound_top`); the custom cells run their top
+layer step by step. Until this design the unit
 was fixed by a hook in fixed reviews and ran free elsewhere, which kept the top layer off the fused
 kernel (a third of the plain speed) and cost the language model (docs/research-log.md). The
 checkpoint's unit record (`record()`) holds the fixed values as fix values, and the unit's recent
@@ -230,7 +231,7 @@ class BoundObjective:
         rows = self._rows  # chosen in forward
         if rows.numel() == 0:
             return logits.new_zeros((), dtype=torch.float32)
-        other = self._other  # the LSTM ran it beside the first pass; other cells run it here
+        other = self._other  # the fused cells ran it beside the first pass; custom cells run it here
         if other is None:
             other, _, _ = self.model(x[rows], None, tuple(s[:, rows] for s in carry_in), write=Write(-self._values[rows]))
         mask = fixed[rows].float()
