@@ -32,7 +32,9 @@ fused kernel (`_bound_top`, `_bound_top_gru`); the custom cells hold the unit st
 
 `charrnn gradients` uses the hook to reach every hidden state; `step(idx, state, hook)` calls the
 same hook (with t = 0) after each layer of a single step, so sampling with a fixed unit sees
-exactly what training with it saw.
+exactly what training with it saw. Without autograd a fused model's `step` folds the embedding into
+layer 0's input weights (`_folded_input`): one stream is memory-bound, and the folded table is V
+columns wide instead of E (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -561,6 +563,24 @@ class CharRNN(nn.Module):
 
     # ------------------------------------------------------------ one step at a time (sampling)
 
+    def _folded_input(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For sampling a fused model: (W_ih0 E^T (G, V), the (V, V) identity). Layer 0 then reads a
+        character's one-hot row through this table instead of its embedding through W_ih0, the same maths
+        with a V-wide matmul in place of an E-wide one (memory-bound at one stream: 512 -> 65..200 columns
+        of layer 0's input weights read per step). Kept until either weight changes (their version
+        counters); None under autograd, for inference tensors, or where the vocabulary is not narrower
+        than the embedding."""
+        emb, w_ih = self.embedding.weight, self.rnn._flat_weights[0]
+        if torch.is_grad_enabled() or emb.shape[0] >= emb.shape[1] or emb.is_inference() or w_ih.is_inference():
+            return None
+        key = (emb.data_ptr(), emb._version, w_ih.data_ptr(), w_ih._version, w_ih.dtype)
+        cached = self.__dict__.get("_folded")
+        if cached is None or cached[0] != key:
+            table = (w_ih.float() @ emb.float().t()).to(w_ih.dtype).contiguous()  # (G, V)
+            cached = (key, table, torch.eye(emb.shape[0], dtype=w_ih.dtype, device=w_ih.device))
+            self.__dict__["_folded"] = cached
+        return cached[1], cached[2]
+
     def step(self, idx: torch.Tensor, state: State, hook: Hook | None = None) -> tuple[torch.Tensor, State]:
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
 
@@ -569,7 +589,8 @@ class CharRNN(nn.Module):
         if given, edits each layer's new state before the layer above (and the head) reads it.
         """
         c = self.config
-        x = self.embedding(idx)  # (B, E)
+        folded = self._folded_input() if self.fused else None
+        x = self.embedding(idx) if folded is None else folded[1][idx]  # (B, E), or one-hot (B, V)
         if c.bound_unit is not None:  # held at 0 before the hook, which may write it
             hook = self._pinned(hook, None)
         if not self.fused:
@@ -584,6 +605,8 @@ class CharRNN(nn.Module):
         weights = self.rnn._flat_weights  # w_ih, w_hh, b_ih, b_hh per layer, kept current by nn.RNNBase
         for layer in range(c.layers):
             w_ih, w_hh, b_ih, b_hh = weights[4 * layer:4 * layer + 4]
+            if layer == 0 and folded is not None:
+                w_ih = folded[0]  # the embedding folded in: one-hot rows read it
             h = state[0][layer]
             if c.cell == "lstm":
                 h, cell = torch.lstm_cell(x, (h, state[1][layer]), w_ih, w_hh, b_ih, b_hh)

@@ -197,8 +197,9 @@ def test_shell_completion(tmp_path):
 
     exe = str(Path(sys.executable).parent / "charrnn")
     # as a user types it in bash: Typer finds the shell among the command's parent processes (shellingham),
-    # so a test run whose own parents include no shell (a detached CI job) would get "Shell  not supported"
-    r = subprocess.run(["bash", "-c", f'"{exe}" --show-completion'], capture_output=True, text=True)
+    # so a test run whose own parents include no shell (a detached CI job) would get "Shell  not supported".
+    # A second command keeps bash from exec'ing charrnn in its place, so bash stays its parent.
+    r = subprocess.run(["bash", "-c", f'"{exe}" --show-completion; status=$?; exit $status'], capture_output=True, text=True)
     assert r.returncode == 0 and "_CHARRNN_COMPLETE" in r.stdout
 
     def complete(line: str) -> list[str]:

@@ -55,3 +55,30 @@ def test_model_learns_a_repeating_pattern():
         loss.backward()
         opt.step()
     assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_weights(cell):
+    """Without autograd a fused model's step reads layer 0's input through W_ih0 E^T and a one-hot row:
+    the numbers of embedding then W_ih0, recomputed when either weight changes (an optimizer step, in place)."""
+    torch.manual_seed(0)
+    m = CharRNN(ModelConfig(vocab_size=9, cell=cell, layers=2, hidden=16, embed=12)).eval()
+    idx = torch.randint(9, (3, 6))
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    for round_ in range(2):
+        logits, _, _ = m(idx)
+        with torch.no_grad():
+            st = m.init_state(3)
+            for t in range(6):
+                step_logits, st = m.step(idx[:, t], st)
+                torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
+        assert "_folded" in m.__dict__  # the folded path ran
+        _, loss, _ = m.train()(idx, idx)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # changes the embedding and W_ih0 in place: the next round must not reuse the old table
+        m.eval()
+    wide = CharRNN(ModelConfig(vocab_size=40, cell=cell, layers=1, hidden=8, embed=8)).eval()
+    with torch.no_grad():
+        wide.step(torch.tensor([1]), wide.init_state(1))
+    assert "_folded" not in wide.__dict__  # a vocabulary wider than the embedding: nothing to gain
