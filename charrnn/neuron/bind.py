@@ -17,10 +17,10 @@ of `sample --sentiment`). Reviews are split (seeded) into:
     split (their last `read_chars` characters, each from the zero state, exactly as `neuron find`
     runs them), with the loss on the unit after the last character, where `neuron find` reads.
 The LSTM, GRU and RNN train on the fused kernel throughout (the written value enters as an input
-channel, or for the GRU as an extra unit; see `CharRNN._bound_top`); the custom cells run their top
-layer step by step. Until this design the unit
-was fixed by a hook in fixed reviews and ran free elsewhere, which kept the top layer off the fused
-kernel (a third of the plain speed) and cost the language model (docs/research-log.md). The
+channel, or for the GRU through the bound unit itself; see `CharRNN._bound_top`); the custom cells
+run their top layer step by step. Until this design the unit was fixed by a hook in fixed reviews
+and ran free elsewhere, which kept the top layer off the fused kernel (a third of the plain speed)
+and cost the language model (docs/research-log.md). The
 checkpoint's unit record (`record()`) holds the fixed values as fix values, and the unit's recent
 values where its reading loss looked (chunk ends of free reviews, or ends of reading texts), by label.
 """
