@@ -196,6 +196,26 @@ def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int 
     return rows
 
 
+def bench_cells(report: Report, hidden: int, steps: int, rounds: int = 3, seq_len: int = 100,
+                batch_size: int = 32) -> dict:
+    """The mLSTM's training speed against the fused LSTM's at the same width (one layer), both through
+    charrnn's own training loop in fp32, alternated `rounds` times; medians and their ratio."""
+    speeds: dict[str, list[float]] = {"lstm": [], "mlstm": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "bench.txt"
+        corpus.write_text(synthetic_text(400_000))
+        for r in range(rounds):
+            for cell in speeds:
+                s = Shape(cell, 1, hidden, seq_len, batch_size)
+                speeds[cell].append(charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{cell}-{r}")[0])
+    lstm, mlstm = statistics.median(speeds["lstm"]), statistics.median(speeds["mlstm"])
+    row = {"shape": f"1x{hidden} seq {seq_len} batch {batch_size}", "threads": torch.get_num_threads(),
+           "lstm_chars_per_s": lstm, "mlstm_chars_per_s": mlstm, "ratio": mlstm / lstm,
+           "load_average": os.getloadavg()[0]}
+    report("cells", row)
+    return row
+
+
 def _bf16_row(report: Report, s: Shape, device: str, raw: dict, ours: dict, refused: str | None,
               data: torch.Tensor, vocab: int, steps: int) -> dict:
     """bf16 over fp32, charrnn's and the raw loop's; or why charrnn refused bf16 and what the raw loop did."""
@@ -277,6 +297,18 @@ def first_char_latency(checkpoint: Path) -> float:
     return latency
 
 
+def import_torch_s() -> float:
+    """Seconds from starting a fresh interpreter to its first output after `import torch` (the floor under
+    the first character, timed as first_char_latency is: up to the output, not the interpreter's exit)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", "import torch; print('x', flush=True)"], stdout=subprocess.PIPE)
+    proc.stdout.read(1)
+    seconds = time.perf_counter() - t0
+    proc.kill()
+    proc.wait()
+    return seconds
+
+
 def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: int) -> dict:
     """One stream of charrnn (auto precision, then fp32) against raw fp32 and raw bf16 LSTMCell loops, alternated;
     --num streams against one; the first character of `charrnn sample` on a saved checkpoint."""
@@ -310,6 +342,7 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
                         "model": model.state_dict(), "train": {"step": 0, "state": {}, "config": {}, "corpus": []},
                         "val_loss": None, "lexicon": lexicon.to_record()})
         latency = statistics.median(first_char_latency(path) for _ in range(3))
+    floor = statistics.median(import_torch_s() for _ in range(3))
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     row = {"model": f"lstm {layers}x{hidden}", "weights_mb": weights_mb, "raw_chars_per_s": raw,
            "raw_bf16_chars_per_s": raw16, "best_raw": "bf16" if raw16 > raw else "fp32",
@@ -318,7 +351,7 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
            "known_words_ratio": known / one, "num": num,
            "batched_precision": batched_precision, "batched_chars_per_s": many, "one_stream_chars_per_s": one_short,
            "batched_ratio": many / one_short, "batched_fp32_chars_per_s": many_fp32, "batched_fp32_ratio": many_fp32 / fp32,
-           "first_char_s": latency, "load_average": os.getloadavg()[0]}
+           "first_char_s": latency, "import_torch_s": floor, "load_average": os.getloadavg()[0]}
     report("sample", row)
     return row
 

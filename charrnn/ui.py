@@ -101,7 +101,8 @@ class TrainDisplay(TrainEvents):
         length = f"{fmt_duration(e.time_budget_s)} budget" if e.time_budget_s else f"{e.total_steps} steps"
         info(f"{what} {c.cell} {c.layers}x{c.hidden} ({e.params / 1e6:.2f}M params) on "
              f"{e.train_chars:,} chars (val {e.val_chars:,}, vocab {e.vocab_size}), "
-             f"seq {c.seq_len} x batch {c.batch_size}, {length}, {e.device}, {e.precision} ({e.precision_why})",
+             f"seq {c.seq_len} x batch {c.batch_size}, dropout {c.dropout:g}, {length}, {e.device}, {e.precision} "
+             f"({e.precision_why})",
              self.quiet)
         info(f"run folder: {e.run_dir}", self.quiet)
         if self.live:
@@ -334,9 +335,12 @@ BENCH_FORMAT = {
               "{ratio:.2f} to the faster raw ({best_raw}); charrnn fp32 {fp32_chars_per_s:,.0f}, ratio {fp32_ratio:.2f} "
               "to raw fp32; with --words known (10,000 words) {known_words_chars_per_s:,.0f} chars/s ({known_words_ratio:.2f}x); "
               "--num {num} ({batched_precision}): {batched_chars_per_s:,.0f} chars/s ({batched_ratio:.1f}x "
-              "one stream; fp32 {batched_fp32_ratio:.1f}x); first character after {first_char_s:.2f} s; "
+              "one stream; fp32 {batched_fp32_ratio:.1f}x); first character after {first_char_s:.2f} s "
+              "(python -c 'import torch' alone: {import_torch_s:.2f} s); "
               "load average {load_average:.1f}",
     "startup": "{command}: {seconds:.3f} s",
+    "cells": "{shape}, {threads} threads: fused lstm {lstm_chars_per_s:,.0f} chars/s, mlstm {mlstm_chars_per_s:,.0f} "
+             "chars/s, ratio {ratio:.2f}; load average {load_average:.1f}",
     "precision": "{shape} on {device}: {bf16_txt}",
     "processes": "{setup}: {chars_per_s:,.0f} chars/s ({ratio:.2f}x one process with one thread), "
                  "val loss {val_loss:.4f}",

@@ -6,8 +6,9 @@ from conftest import run_cli
 
 
 def test_bench_quick_reports_measured_ratios():
-    r = run_cli("bench", "--sections", "startup,train,sample", "--steps", "3", "--rounds", "1",
-                "--shapes", "lstm1x32,gru1x32", "--sample-hidden", "32", "--sample-length", "40", "--num", "4", "--json")
+    r = run_cli("bench", "--sections", "startup,train,sample,cells", "--steps", "3", "--rounds", "1",
+                "--shapes", "lstm1x32,gru1x32", "--sample-hidden", "32", "--sample-length", "40", "--num", "4",
+                "--cells-hidden", "16", "--json")
     assert r.exit_code == 0, r.stderr
     rows = [json.loads(l) for l in r.stdout.splitlines()]
     train = [row for row in rows if row["section"] == "train"]
@@ -22,7 +23,10 @@ def test_bench_quick_reports_measured_ratios():
     assert abs(sample["fp32_ratio"] - sample["fp32_chars_per_s"] / sample["raw_chars_per_s"]) < 1e-9
     assert abs(sample["batched_fp32_ratio"] - sample["batched_fp32_chars_per_s"] / sample["fp32_chars_per_s"]) < 1e-9
     assert sample["precision"] in ("fp32", "bf16") and sample["batched_precision"] in ("fp32", "bf16")
-    assert 0 < sample["first_char_s"] < 60
+    assert 0 < sample["first_char_s"] < 60 and 0 < sample["import_torch_s"] < 60
+    (cells,) = [row for row in rows if row["section"] == "cells"]  # the mLSTM against the fused LSTM
+    assert cells["lstm_chars_per_s"] > 0 and cells["mlstm_chars_per_s"] > 0
+    assert abs(cells["ratio"] - cells["mlstm_chars_per_s"] / cells["lstm_chars_per_s"]) < 1e-9
     (startup,) = [row for row in rows if row["section"] == "startup"]
     assert startup["seconds"] > 0
     assert "ratio" in r.stderr  # the human-readable lines

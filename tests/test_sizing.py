@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from charrnn import checkpoint as ckm
-from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, resolve,
+from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, param_count, resolve,
                             width_for)
 from charrnn.errors import CharRNNError
 from charrnn.model import CharRNN, ModelConfig
@@ -66,6 +66,17 @@ def test_measured_speed_sizes_the_dropout_too():
     slow = resolve(TrainConfig(), 100_000, 300, measure=lambda cfg, ws: {h: Speed(1_000.0, h * h * 8) for h in ws})
     fast = resolve(TrainConfig(), 100_000, 300, measure=lambda cfg, ws: {h: Speed(1e7, h * h * 8) for h in ws})
     assert slow.dropout == 0.0 and fast.dropout > 0.0
+
+
+@pytest.mark.parametrize("passes,dropout", [(4.1, 0.0), (7.6, 0.1)])
+def test_dropout_starts_past_six_passes(monkeypatch, passes, dropout):
+    """tiny Shakespeare's 5-minute default on the 2-core CPU (2x192 at 25,400 chars/s: 7.6 passes predicted)
+    gets dropout 0.1, which beat none there; half that speed (4.1 passes, where none won) gets none."""
+    monkeypatch.setenv("CHARRNN_WIDTHS", "128,192")
+    chars, budget = 1_003_855, 300.0
+    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), 192: Speed(passes * chars / budget, param_count("lstm", 2, 192))}
+    cfg = resolve(TrainConfig(), chars, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+    assert (cfg.hidden, cfg.dropout) == (192, dropout)
 
 
 def test_widths_from_the_environment(monkeypatch):

@@ -13,7 +13,7 @@ from charrnn.cli.errors import handle_errors
 
 @handle_errors
 def bench(
-    sections: Annotated[str, typer.Option(help="Comma-separated: train, sample, startup, big, quality, processes.")] = "train,sample,startup",
+    sections: Annotated[str, typer.Option(help="Comma-separated: train, sample, startup, cells, big, quality, processes.")] = "train,sample,startup",
     steps: Annotated[int, typer.Option(min=2, help="Timed training steps per measurement.")] = 40,
     rounds: Annotated[int, typer.Option(min=1, help="Raw/charrnn alternations per training shape (medians reported).")] = 2,
     shapes: Annotated[str, typer.Option(help="Training shapes, CELLxLAYERSxHIDDEN, comma-separated.")] = "lstm2x256,lstm2x512,gru2x512",
@@ -26,6 +26,7 @@ def bench(
     quality_corpus: Annotated[Path, typer.Option(help="Corpus for the 'quality' section ('charrnn corpus get tinyshakespeare' puts it there).")] = Path("corpora/tinyshakespeare.txt"),
     quality_budget: Annotated[str, typer.Option(help="Time budget for the 'quality' section.")] = "5m",
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the big and quality sections.")] = Path("bench-work"),
+    cells_hidden: Annotated[int, typer.Option(min=1, help="Width of the one-layer LSTM and mLSTM in the 'cells' section.")] = 512,
     device: Annotated[str, typer.Option(help="Device for the 'train' section: cpu or cuda.")] = "cpu",
     train_precision: Annotated[str, typer.Option(help="The 'train' section's precisions, comma-separated from fp32, bf16, auto (as train --precision), each against a raw loop in the same precision; with fp32 and bf16, also bf16's speed-up \\[default: fp32 and, on a CPU with native bf16, bf16; on cuda, auto].", show_default=False)] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object per measured row on stdout.")] = False,
@@ -38,7 +39,7 @@ def bench(
     from charrnn.errors import UsageError
 
     wanted = [s.strip() for s in sections.split(",") if s.strip()]
-    known = {"train", "sample", "startup", "big", "quality", "processes"}
+    known = {"train", "sample", "startup", "cells", "big", "quality", "processes"}
     if not wanted or set(wanted) - known:
         raise UsageError(f"unknown --sections {sections!r}; choose from {', '.join(sorted(known))}")
     parsed = []
@@ -63,6 +64,8 @@ def bench(
         if set(precisions) - {"fp32", "bf16", "auto"}:
             raise UsageError(f"unknown --train-precision {train_precision!r}; choose from fp32, bf16, auto")
         b.bench_training(report, parsed, steps, rounds, device, precisions or None)
+    if "cells" in wanted:
+        b.bench_cells(report, cells_hidden, steps, rounds, seq_len, batch_size)
     if "sample" in wanted:
         b.bench_sampling(report, sample_hidden, 2, sample_length, num)
     if "big" in wanted:
