@@ -15,7 +15,7 @@ from charrnn.cli.errors import handle_errors
 def bench(
     sections: Annotated[str, typer.Option(help="Comma-separated: train, sample, startup, cells, big, quality, processes.")] = "train,sample,startup",
     steps: Annotated[int, typer.Option(min=2, help="Timed training steps per measurement.")] = 40,
-    rounds: Annotated[int, typer.Option(min=1, help="Raw/charrnn alternations per training shape (medians reported).")] = 2,
+    rounds: Annotated[int, typer.Option(min=1, help="Alternations per training shape (raw/charrnn) and in the cells section (lstm/mlstm); medians reported.")] = 2,
     shapes: Annotated[str, typer.Option(help="Training shapes, CELLxLAYERSxHIDDEN, comma-separated.")] = "lstm2x256,lstm2x512,gru2x512",
     seq_len: Annotated[int, typer.Option(min=1, help="Training sequence length.")] = 100,
     batch_size: Annotated[int, typer.Option(min=1, help="Training batch size.")] = 32,
