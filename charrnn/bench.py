@@ -53,6 +53,13 @@ def synthetic_text(n_chars: int, seed: int = 0) -> str:
 # ---------------------------------------------------------------- training throughput
 
 
+def synthetic_corpus(folder: Path) -> Path:
+    """The training sections' corpus: 400,000 characters of synthetic text in `folder`/bench.txt."""
+    corpus = folder / "bench.txt"
+    corpus.write_text(synthetic_text(400_000))
+    return corpus
+
+
 @dataclass
 class Shape:
     cell: str
@@ -161,8 +168,7 @@ def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int 
     precisions = precisions or default_train_precisions(device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "bench.txt"
-        corpus.write_text(synthetic_text(400_000))
+        corpus = synthetic_corpus(Path(tmp))
         data = torch.tensor(Vocab.from_text_chars(corpus.read_text()).encode(corpus.read_text()), dtype=torch.uint8)
         vocab = int(data.max()) + 1
         for s in shapes:
@@ -202,8 +208,7 @@ def bench_cells(report: Report, hidden: int, steps: int, rounds: int = 3, seq_le
     charrnn's own training loop in fp32, alternated `rounds` times; medians and their ratio."""
     speeds: dict[str, list[float]] = {"lstm": [], "mlstm": []}
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "bench.txt"
-        corpus.write_text(synthetic_text(400_000))
+        corpus = synthetic_corpus(Path(tmp))
         for r in range(rounds):
             for cell in speeds:
                 s = Shape(cell, 1, hidden, seq_len, batch_size)
@@ -285,28 +290,27 @@ def synthetic_lexicon(n_words: int, seed: int = 0) -> Lexicon:
     return Lexicon(tuple(found), 3)
 
 
-def first_char_latency(checkpoint: Path) -> float:
-    """Seconds from starting `charrnn sample` to the first generated character on its stdout."""
+def _seconds_to_output(args: list[str], n_bytes: int) -> float:
+    """Seconds from starting `python ARGS` to its first `n_bytes` on stdout (not to its exit); then it is killed."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "charrnn", "sample", str(checkpoint), "--length", "200",
-                             "--temp", "0.8"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    proc.stdout.read(2)  # the default prime (a newline) and the first generated character
-    latency = time.perf_counter() - t0
-    proc.kill()
-    proc.wait()
-    return latency
-
-
-def import_torch_s() -> float:
-    """Seconds from starting a fresh interpreter to its first output after `import torch` (the floor under
-    the first character, timed as first_char_latency is: up to the output, not the interpreter's exit)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", "import torch; print('x', flush=True)"], stdout=subprocess.PIPE)
-    proc.stdout.read(1)
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.read(n_bytes)
     seconds = time.perf_counter() - t0
     proc.kill()
     proc.wait()
     return seconds
+
+
+def first_char_latency(checkpoint: Path) -> float:
+    """Seconds from starting `charrnn sample` to the first generated character on its stdout."""
+    # 2 bytes: the default prime (a newline) and the first generated character
+    return _seconds_to_output(["-m", "charrnn", "sample", str(checkpoint), "--length", "200", "--temp", "0.8"], 2)
+
+
+def import_torch_s() -> float:
+    """Seconds from starting a fresh interpreter to its first output after `import torch`: the floor under the
+    first character, timed the same way."""
+    return _seconds_to_output(["-c", "import torch; print('x', flush=True)"], 1)
 
 
 def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: int) -> dict:
@@ -341,8 +345,8 @@ def bench_sampling(report: Report, hidden: int, layers: int, length: int, num: i
         ckm.save(path, {"model_config": model.config.to_dict(), "vocab": vocab.chars,
                         "model": model.state_dict(), "train": {"step": 0, "state": {}, "config": {}, "corpus": []},
                         "val_loss": None, "lexicon": lexicon.to_record()})
-        latency = statistics.median(first_char_latency(path) for _ in range(3))
-    floor = statistics.median(import_torch_s() for _ in range(3))
+        pairs = [(first_char_latency(path), import_torch_s()) for _ in range(3)]  # alternated, as above
+    latency, floor = (statistics.median(side) for side in zip(*pairs))
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
     row = {"model": f"lstm {layers}x{hidden}", "weights_mb": weights_mb, "raw_chars_per_s": raw,
            "raw_bf16_chars_per_s": raw16, "best_raw": "bf16" if raw16 > raw else "fp32",
