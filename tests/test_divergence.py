@@ -155,15 +155,19 @@ def test_a_loss_spike_is_rolled_back_with_a_lower_learning_rate_and_reported(cor
     shown, run = Shown(), tmp_path / "run"
     summary = Trainer.new([corpus], TrainConfig(**SPIKY), run_dir=run, callback=shown).run()
     first = shown.rollbacks[0]
-    # caught by the training-loss level, long before anything was non-finite or over 10 ln V
-    assert first.reason == "loss spike" and first.to_step == 100 and 100 < first.step < 150, first
+    # caught long before anything was non-finite or over 10 ln V: by the training-loss level, or by the
+    # evaluation at step 150 when the training loss rose in bursts shorter than a streak. Which one is up to the
+    # CPU's rounding (an AVX2 EPYC caught it by the level before 150; an AVX512 one, with the same seed, at
+    # 150 by the evaluation); the level's own test is test_the_detector_tells_a_spike_from_noise
+    assert first.reason in ("loss spike", "validation spike") and first.to_step == 100, first
+    assert 100 < first.step < 150 if first.reason == "loss spike" else first.step == 150, first
     assert first.observed > first.level + LIMITS.min_rise and first.lr_scale == 0.5
     assert not any("non-finite" in w or "exploding" in w for w in shown.warnings)
     # metrics.jsonl: one "rollback" line, with what the event said, after the evaluation it went back to
     lines = lines_of(run)
     marks = [i for i, l in enumerate(lines) if l.get("kind") == "rollback"]
     assert marks and {k: lines[marks[0]][k] for k in ("step", "to_step", "reason", "lr_scale")} == \
-        {"step": first.step, "to_step": 100, "reason": "loss spike", "lr_scale": 0.5}
+        {"step": first.step, "to_step": 100, "reason": first.reason, "lr_scale": 0.5}
     assert lines[marks[0]]["level"] == round(first.level, 5)
     before = [l["val_loss"] for l in lines[: marks[0]] if "val_loss" in l]
     after = [l["val_loss"] for l in lines[marks[-1]:] if "val_loss" in l]
@@ -174,7 +178,7 @@ def test_a_loss_spike_is_rolled_back_with_a_lower_learning_rate_and_reported(cor
     assert saved["lr_scale"] == 0.5 ** len(marks) and saved["spike_rollbacks"] == len(marks)
     # the progress line: the warning above it, the lowered learning rate on it
     text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.getvalue())
-    assert f"warning: step {first.step}: loss spike" in text and "rolled back to step 100" in text
+    assert f"warning: step {first.step}: {first.reason}" in text and "rolled back to step 100" in text
     bars = [l for l in text.replace("\r", "\n").splitlines() if "/300" in l]  # "step    NNN/300  ━━━ loss …"
     assert "lr x" not in bars[0] and "lr x0.5" in bars[-1], (bars[0], bars[-1])
 
