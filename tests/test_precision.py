@@ -118,6 +118,27 @@ def test_resume_is_exact_and_keeps_the_recorded_precision(corpus, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.skipif(not NATIVE, reason="a bf16 run resumes only on a CPU with native bf16 (the next test)")
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_bf16_run_resumes_bit_exactly(corpus, tmp_path, cell):
+    """Asked for bf16 on a CPU that has it, a run cut at step 10 and resumed ends with the same weights, to
+    the bit, as the run that never stopped (the fused kernels' bf16 paths included)."""
+    run = tmp_path / "full"
+    t, _ = _trainer(corpus, run, cell=cell, steps=30, eval_every=10, keep=10, dropout=0.1, layers=2, precision="bf16")
+    t.run()
+    assert t.state.precision == "bf16"
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    cut_after(cut, 10)
+    rec = Recorder()
+    Trainer.resume(cut, callback=rec).run()
+    assert _start(rec).precision == "bf16" and _start(rec).precision_why == "the run's own"
+    a, b = ckm.load(run / ckm.ckpt_name(30)), ckm.load(cut / ckm.ckpt_name(30))
+    assert a["val_loss"] == b["val_loss"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_a_bf16_run_resumes_only_where_bf16_runs_or_switches_when_told(corpus, tmp_path):
     """A run recorded in bf16: resumed on a CPU without native bf16, one line (exit 1) saying how to go
     on; with --precision fp32 it goes on in fp32 and records that. With native bf16 it simply resumes."""
