@@ -20,9 +20,9 @@ import torch
 from charrnn.device import cpu_has_bf16, machine_key
 
 # Untimed steps before the first timing (the first calls allocate and pick kernels) and before every round:
-# sampling runs one copy only, whose weights stay in the CPU's cache, while the rounds alternate two. Timed
-# cold, the fp32 copy (twice the bytes) lost: on an AVX512-BF16 EPYC a 2x512 LSTM timed 0.90 ms per step in
-# fp32 against 0.60 in bf16, so auto chose bf16, and then sampled at 2,223 chars/s where fp32 ran 2,483.
+# sampling runs one copy only, whose weights stay in the CPU's cache, while the rounds alternate two, so each
+# round first brings its copy's weights back. (On an AVX512-BF16 EPYC, 2x512 LSTM, one stream: steady loops
+# of 400 steps took 0.41-0.48 ms in fp32 and 0.38-0.41 in bf16; rounds timed without this, fp32 0.90.)
 WARMUP_STEPS = 2
 TIMED_STEPS = 6  # per round; a step of a 2x512 LSTM is well under a millisecond
 ROUNDS = 3  # fp32, bf16, fp32, bf16 ...: a slow spell of a shared machine hits both sides
