@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn.config import Speed, TrainConfig, chars_per_param, rule_for
+from charrnn.config import Speed, TrainConfig, chars_per_param, rule_for, width_for
 from charrnn.device import cpu_has_bf16, machine_key
 from charrnn.model import CharRNN, ModelConfig, Write
 
@@ -167,10 +167,10 @@ class Sizer:
                 self.speeds[h] = speed
                 if self._too_short(speed):
                     break  # a wider model reads fewer characters per parameter still
-            chosen = [h for h in self.speeds if not self._too_short(self.speeds[h])]
-            if chosen and max(chosen) in self.timed and max(chosen) not in self.retimed:
-                h = max(chosen)  # the width the run will train: its speed also predicts the passes (dropout)
-                self.speeds[h] = self._time(cfg, h, cache_key(cfg, h, self.vocab_size), self.speeds[h])
+            chosen = width_for(self.speeds, self.budget_s, self.train_chars) if self.speeds else None
+            if chosen in self.timed and chosen not in self.retimed:  # its speed also predicts the passes (dropout)
+                self.speeds[chosen] = self._time(cfg, chosen, cache_key(cfg, chosen, self.vocab_size),
+                                                 self.speeds[chosen])
         self.seconds = time.perf_counter() - start
         self._no_slower_than_wider()
         return dict(self.speeds)
