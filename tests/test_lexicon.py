@@ -87,6 +87,39 @@ def test_the_speller_allows_only_continuations_of_known_words_and_boundaries_aft
     assert sp2.node.item() == 0
 
 
+def test_every_word_of_a_large_list_walks_its_tree_and_every_non_word_leaves_it():
+    # thousands of words sharing prefixes at every depth, some with a letter the vocabulary lacks
+    # ("z"): the tree's edges, built from the sorted prefixes, must lead each word to a node where it
+    # may end, and rule out the letter that would make a non-word at the first place it differs
+    g = torch.Generator().manual_seed(0)
+    letters = "abcdez'"
+    found = {"".join(letters[i] for i in torch.randint(0, 6, (int(n),), generator=g).tolist())
+             for n in torch.randint(1, 8, (4000,), generator=g)}
+    wordlist = sorted(w for w in found if not w.startswith("'") and not w.endswith("'") and "''" not in w)
+    vocab = Vocab.from_text_chars("abcde' \n")  # no "z": words with it cannot be spelt
+    tree = Lexicon(tuple(wordlist), 3).tree(vocab.chars)
+    known = set(wordlist)
+    for w in wordlist:
+        if "z" in w:
+            continue
+        node = 0
+        for i, ch in enumerate(w):
+            c = vocab.chars.index(ch)
+            assert not tree.blocked[node, c], (w, i)
+            node = int(tree.next_flat[node * tree.width + c])
+            prefix = w[: i + 1]
+            ends = not tree.blocked[node, vocab.chars.index(" ")]
+            assert ends == (prefix in known), prefix  # a boundary only after a whole word
+        assert node not in (0, tree.free)
+    for probe in ("abcdeabcde", "eeeeeee", "dcba"):  # a letter no known word continues with is ruled out
+        node = 0
+        for i, ch in enumerate(probe):
+            if not any(k.startswith(probe[: i + 1]) for k in known):
+                assert tree.blocked[node, vocab.chars.index(ch)], probe[: i + 1]
+                break
+            node = int(tree.next_flat[node * tree.width + vocab.chars.index(ch)])
+
+
 def test_restrict_masks_guided_shadow_rows_like_their_own_rows():
     vocab = Vocab.from_text_chars(TEXT)
     sp = Speller(Lexicon(("the",), 3), vocab.chars, 2)

@@ -16,7 +16,7 @@ import typer
 
 from charrnn import __version__
 from charrnn.cli import bench, evaluate, sample, train
-from charrnn.cli import export
+from charrnn.cli import export, startup
 from charrnn.cli.cache import cache_app
 from charrnn.cli.checkpoints import checkpoints_app
 from charrnn.cli.corpus import corpus_app
@@ -66,6 +66,7 @@ def main() -> None:
     """Run the app; a usage error (bad option, bad value) is one plain line and exit code 2."""
     global _OWN_PROCESS
     _OWN_PROCESS = True
+    startup.hold()  # collection waits until the command has started (startup.py)
     try:
         code = app(standalone_mode=False)
     except Exception as e:  # the parser's own errors carry a message and an exit code

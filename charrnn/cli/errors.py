@@ -8,6 +8,7 @@ import sys
 
 import typer
 
+from charrnn.cli import startup
 from charrnn.errors import CharRNNError
 
 
@@ -16,6 +17,8 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if fn.__name__ not in startup.SETTLES_ITSELF:
+            startup.settle()
         try:
             return fn(*args, **kwargs)
         except CharRNNError as e:
@@ -38,6 +41,8 @@ def handle_errors(fn):
 
             ui.error(f"out of memory{_asked(e)}; {OOM_HINTS.get(fn.__name__, OOM_HINT)}")
             raise typer.Exit(1)
+        finally:
+            startup.settle()
 
     return wrapper
 

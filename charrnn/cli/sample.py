@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from charrnn.cli import startup
 from charrnn.cli.errors import handle_errors
 from charrnn.cli.options import HOME, Device, Precision, RunDevice, Sentiment, StateKind, Words
 
@@ -57,6 +58,7 @@ def sample(
     validate(cfg)
     m = load(checkpoint, device.value, home=dir, on_warn=_warn)
     model, vocab, ck = m.module, Vocab(m.vocab), m.checkpoint
+    startup.settle()  # loaded: the rest is the first character's (startup.py)
     if not guidance_given:
         guidance = default_guidance(model, ck, sentiment)
         cfg = dataclasses.replace(cfg, guidance=guidance)
