@@ -32,9 +32,9 @@ fused kernel (`_bound_top`, `_bound_top_gru`); the custom cells hold the unit st
 
 `charrnn gradients` uses the hook to reach every hidden state; `step(idx, state, hook)` calls the
 same hook (with t = 0) after each layer of a single step, so sampling with a fixed unit sees
-exactly what training with it saw. Without autograd a fused model's `step` folds the embedding into
-layer 0's input weights (`_folded_input`): one stream is memory-bound, and the folded table is V
-columns wide instead of E (docs/speed.md).
+exactly what training with it saw. Without autograd a fused model's `step` folds the embedding and
+layer 0's biases into a table of layer 0's input projections, a row per character (`_folded_input`):
+one stream is memory-bound, and a row is read instead of E columns of W_ih0 (docs/speed.md).
 """
 
 from __future__ import annotations
@@ -323,6 +323,19 @@ def _whole_sequence(cell, x: torch.Tensor, hook: Hook | None, layer: int) -> boo
     return not torch.is_autocast_enabled(x.device.type)
 
 
+def _folded_first_step(rows: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, cell: str,
+                       c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer 0 of a sampling step of a fused LSTM or RNN from the characters' rows of the folded table
+    (input projection and both biases, (B, G)): the same maths as torch.lstm_cell / rnn_tanh_cell, with
+    the recurrent matmul accumulated into the rows in place. Returns (h, C), C None for the RNN."""
+    gates = rows.addmm_(h, w_hh.t())
+    if cell == "rnn":
+        return gates.tanh_(), None
+    i, f, g, o = gates.chunk(4, 1)
+    c = torch.sigmoid(f).mul_(c).addcmul_(torch.sigmoid(i), g.tanh_())  # C_t = f_t C_{t-1} + i_t C~_t
+    return torch.sigmoid(o).mul_(torch.tanh(c)), c  # h_t = o_t tanh(C_t)
+
+
 # ---------------------------------------------------------------- the model
 
 
@@ -563,23 +576,43 @@ class CharRNN(nn.Module):
 
     # ------------------------------------------------------------ one step at a time (sampling)
 
-    def _folded_input(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """For sampling a fused model: (W_ih0 E^T (G, V), the (V, V) identity). Layer 0 then reads a
-        character's one-hot row through this table instead of its embedding through W_ih0, the same maths
-        with a V-wide matmul in place of an E-wide one (memory-bound at one stream: 512 -> 65..200 columns
-        of layer 0's input weights read per step). Kept until either weight changes (their version
+    def _folded_input(self) -> tuple[torch.Tensor, torch.Tensor, list] | None:
+        """For sampling a fused model: (layer 0's table (V, G), the (V, V) identity, each layer's biases).
+
+        Row v of the table is layer 0's input projection of character v, W_ih0 E_v, with layer 0's input
+        bias added (and its recurrent bias too, except for the GRU, whose recurrent bias sits inside
+        r_t * (...)). The LSTM and RNN read a character's row straight from it instead of its embedding
+        through W_ih0, and the GRU reads it through a one-hot row (a V-wide matmul in place of an E-wide
+        one): one stream is memory-bound, and 512 columns of layer 0's input weights read per step
+        become one row. A one-hot row sums to 1, so the folded bias is added exactly once. The
+        biases handed on per layer are (b_ih, b_hh) as the single-step kernel takes them: None where
+        folded, and for the LSTM and RNN above layer 0 the two summed into one. Each bias the kernel
+        adds is a copy of a (B, G) block before its matmul: four per step of a 2-layer LSTM were 13% of
+        `--num 64`'s time (docs/speed.md), one is left. Kept until any weight changes (their version
         counters); None under autograd, for inference tensors, or where the vocabulary is not narrower
         than the embedding."""
-        emb, w_ih = self.embedding.weight, self.rnn._flat_weights[0]
+        emb, flat = self.embedding.weight, self.rnn._flat_weights
+        w_ih = flat[0]
         if torch.is_grad_enabled() or emb.shape[0] >= emb.shape[1] or emb.is_inference() or w_ih.is_inference():
             return None
-        key = (emb.data_ptr(), emb._version, w_ih.data_ptr(), w_ih._version, w_ih.dtype)
+        key = (emb.data_ptr(), emb._version, w_ih.dtype) + tuple((w.data_ptr(), w._version) for w in flat)
         cached = self.__dict__.get("_folded")
         if cached is None or cached[0] != key:
-            table = (w_ih.float() @ emb.float().t()).to(w_ih.dtype).contiguous()  # (G, V)
-            cached = (key, table, torch.eye(emb.shape[0], dtype=w_ih.dtype, device=w_ih.device))
+            cached = (key,) + self._fold(emb, flat)
             self.__dict__["_folded"] = cached
-        return cached[1], cached[2]
+        return cached[1], cached[2], cached[3]
+
+    def _fold(self, emb: torch.Tensor, flat: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """What `_folded_input` keeps: the table, the identity, and each layer's (b_ih, b_hh)."""
+        apart = self.config.cell == "gru"  # the GRU's recurrent bias cannot join the input's
+        w_ih, b_ih, b_hh = flat[0].float(), flat[2].float(), flat[3].float()
+        bias0 = b_ih if apart else b_ih + b_hh
+        table = (emb.float() @ w_ih.t() + bias0).to(flat[0].dtype).contiguous()  # (V, G): a row per character
+        biases = [(None, flat[3] if apart else None)]
+        for layer in range(1, self.config.layers):
+            b_ih, b_hh = flat[4 * layer + 2], flat[4 * layer + 3]
+            biases.append((b_ih, b_hh) if apart else ((b_ih.float() + b_hh.float()).to(b_ih.dtype), None))
+        return table, torch.eye(emb.shape[0], dtype=flat[0].dtype, device=flat[0].device), biases
 
     def step(self, idx: torch.Tensor, state: State, hook: Hook | None = None) -> tuple[torch.Tensor, State]:
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
@@ -590,7 +623,7 @@ class CharRNN(nn.Module):
         """
         c = self.config
         folded = self._folded_input() if self.fused else None
-        x = self.embedding(idx) if folded is None else folded[1][idx]  # (B, E), or one-hot (B, V)
+        x = self.embedding(idx) if folded is None else folded[1][idx] if c.cell == "gru" else None  # (B, E), one-hot (B, V)
         if c.bound_unit is not None:  # held at 0 before the hook, which may write it
             hook = self._pinned(hook, None)
         if not self.fused:
@@ -605,10 +638,17 @@ class CharRNN(nn.Module):
         weights = self.rnn._flat_weights  # w_ih, w_hh, b_ih, b_hh per layer, kept current by nn.RNNBase
         for layer in range(c.layers):
             w_ih, w_hh, b_ih, b_hh = weights[4 * layer:4 * layer + 4]
-            if layer == 0 and folded is not None:
-                w_ih = folded[0]  # the embedding folded in: one-hot rows read it
+            if folded is not None:
+                b_ih, b_hh = folded[2][layer]  # folded into the table, or summed into one
+                if layer == 0:
+                    w_ih = folded[0].t()  # the GRU's: the embedding and biases folded in, one-hot rows read it
             h = state[0][layer]
-            if c.cell == "lstm":
+            if layer == 0 and folded is not None and c.cell != "gru":
+                h, cell = _folded_first_step(folded[0].index_select(0, idx), h, w_hh, c.cell,
+                                             state[1][0] if c.cell == "lstm" else None)
+                if cell is not None:
+                    cs.append(cell)
+            elif c.cell == "lstm":
                 h, cell = torch.lstm_cell(x, (h, state[1][layer]), w_ih, w_hh, b_ih, b_hh)
                 cs.append(cell)
             elif c.cell == "gru":

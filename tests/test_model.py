@@ -78,6 +78,14 @@ def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_w
         loss.backward()
         opt.step()  # changes the embedding and W_ih0 in place: the next round must not reuse the old table
         m.eval()
+    with torch.no_grad():  # the biases are folded too (into the table, or summed): a change to one alone counts
+        m.rnn.bias_hh_l0.add_(0.5)
+        m.rnn.bias_ih_l1.sub_(0.25)
+        logits, _, _ = m(idx)
+        st = m.init_state(3)
+        for t in range(6):
+            step_logits, st = m.step(idx[:, t], st)
+            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
     wide = CharRNN(ModelConfig(vocab_size=40, cell=cell, layers=1, hidden=8, embed=8)).eval()
     with torch.no_grad():
         wide.step(torch.tensor([1]), wide.init_state(1))
