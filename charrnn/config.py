@@ -351,8 +351,11 @@ GPU_CHARS_PER_S = 1.0e6
 # (expected passes up to, dropout). The first step, measured on tiny Shakespeare (2x192, batch 32, seq 64;
 # docs/training.md): at equal steps dropout 0.1 lost to none at 4.1 passes (1.5354 against 1.5298) and won at
 # 8.3 (1.4825 against 1.4923; 0.2: 1.4910); 5-minute default runs with it read 5.8 and 6.3 passes and lost
-# (1.4952, 1.4993 against 1.4911 without, 6.2 passes). So it starts past 7.
-DROPOUT_BY_EPOCHS = [(7, 0.0), (20, 0.1), (50, 0.2), (float("inf"), 0.3)]
+# (1.4952, 1.4993 against 1.4911 without, 6.2 passes). So it starts past 7. The last step, measured at 30 minutes
+# on an AVX512-BF16 EPYC (2x512 in bf16, 35 passes predicted, 24 read): dropout 0.2 reached 1.4471 and then
+# overfitted, 0.3 reached 1.4302; 2x384 with 0.2 at 42 passes overfitted too (1.4416, then 1.4504). At 5 minutes
+# (15 passes read, 16-25 predicted) 0.1 and 0.2 ended level (1.4521, 1.4506). So 0.3 starts past 30.
+DROPOUT_BY_EPOCHS = [(7, 0.0), (20, 0.1), (30, 0.2), (float("inf"), 0.3)]
 GATES = {"lstm": 4, "peephole": 4, "coupled": 3, "mlstm": 4, "gru": 3, "rnn": 1}
 
 

@@ -80,6 +80,18 @@ def test_dropout_starts_past_seven_passes(monkeypatch, passes, dropout):
     assert (cfg.hidden, cfg.dropout) == (192, dropout)
 
 
+@pytest.mark.parametrize("chars_per_s,dropout", [(13_000.0, 0.2), (19_419.0, 0.3)])
+def test_dropout_0_3_past_thirty_passes(monkeypatch, chars_per_s, dropout):
+    """tiny Shakespeare's 30-minute default on the AVX512-BF16 EPYC: 2x512 timed at 19,419 chars/s (35 passes
+    predicted) gets dropout 0.3, which reached 1.4302 where 0.2 reached 1.4471 and overfitted; at 13,000 (23
+    passes) it keeps 0.2."""
+    monkeypatch.setenv("CHARRNN_WIDTHS", "128,512")
+    chars, budget = 1_003_855, 1800.0
+    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), 512: Speed(chars_per_s, param_count("lstm", 2, 512))}
+    cfg = resolve(TrainConfig(), chars, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+    assert (cfg.hidden, cfg.dropout) == (512, dropout)
+
+
 def test_widths_from_the_environment(monkeypatch):
     monkeypatch.setenv("CHARRNN_WIDTHS", "32,16")
     assert candidate_widths(2, 1000) == [16, 32]
