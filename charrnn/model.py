@@ -576,8 +576,9 @@ class CharRNN(nn.Module):
 
     # ------------------------------------------------------------ one step at a time (sampling)
 
-    def _folded_input(self) -> tuple[torch.Tensor, torch.Tensor, list] | None:
-        """For sampling a fused model: (layer 0's table (V, G), the (V, V) identity, each layer's biases).
+    def _folded_input(self) -> tuple[torch.Tensor, torch.Tensor | None, list] | None:
+        """For sampling a fused model: (layer 0's table (V, G), the GRU's (V, V) identity or None, each
+        layer's biases).
 
         Row v of the table is layer 0's input projection of character v, W_ih0 E_v, with layer 0's input
         bias added (and its recurrent bias too, except for the GRU, whose recurrent bias sits inside
@@ -602,8 +603,9 @@ class CharRNN(nn.Module):
             self.__dict__["_folded"] = cached
         return cached[1], cached[2], cached[3]
 
-    def _fold(self, emb: torch.Tensor, flat: list) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """What `_folded_input` keeps: the table, the identity, and each layer's (b_ih, b_hh)."""
+    def _fold(self, emb: torch.Tensor, flat: list) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        """What `_folded_input` keeps: the table, the identity the GRU's one-hot rows come from (None for
+        the LSTM and RNN, which gather rows), and each layer's (b_ih, b_hh)."""
         apart = self.config.cell == "gru"  # the GRU's recurrent bias cannot join the input's
         w_ih, b_ih, b_hh = flat[0].float(), flat[2].float(), flat[3].float()
         bias0 = b_ih if apart else b_ih + b_hh
@@ -612,7 +614,8 @@ class CharRNN(nn.Module):
         for layer in range(1, self.config.layers):
             b_ih, b_hh = flat[4 * layer + 2], flat[4 * layer + 3]
             biases.append((b_ih, b_hh) if apart else ((b_ih.float() + b_hh.float()).to(b_ih.dtype), None))
-        return table, torch.eye(emb.shape[0], dtype=flat[0].dtype, device=flat[0].device), biases
+        eye = torch.eye(emb.shape[0], dtype=flat[0].dtype, device=flat[0].device) if apart else None
+        return table, eye, biases
 
     def step(self, idx: torch.Tensor, state: State, hook: Hook | None = None) -> tuple[torch.Tensor, State]:
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
@@ -623,7 +626,10 @@ class CharRNN(nn.Module):
         """
         c = self.config
         folded = self._folded_input() if self.fused else None
-        x = self.embedding(idx) if folded is None else folded[1][idx] if c.cell == "gru" else None  # (B, E), one-hot (B, V)
+        if folded is None:
+            x = self.embedding(idx)  # (B, E)
+        else:  # the GRU's one-hot rows (B, V); the LSTM and RNN gather layer 0's rows below instead
+            x = folded[1][idx] if folded[1] is not None else None
         if c.bound_unit is not None:  # held at 0 before the hook, which may write it
             hook = self._pinned(hook, None)
         if not self.fused:
@@ -640,8 +646,8 @@ class CharRNN(nn.Module):
             w_ih, w_hh, b_ih, b_hh = weights[4 * layer:4 * layer + 4]
             if folded is not None:
                 b_ih, b_hh = folded[2][layer]  # folded into the table, or summed into one
-                if layer == 0:
-                    w_ih = folded[0].t()  # the GRU's: the embedding and biases folded in, one-hot rows read it
+                if layer == 0 and c.cell == "gru":
+                    w_ih = folded[0].t()  # the embedding and input bias folded in: one-hot rows read it
             h = state[0][layer]
             if layer == 0 and folded is not None and c.cell != "gru":
                 h, cell = _folded_first_step(folded[0].index_select(0, idx), h, w_hh, c.cell,
