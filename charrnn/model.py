@@ -4,8 +4,11 @@ Cells. `lstm`, `gru` and `rnn` run on PyTorch's fused kernels (nn.LSTM/GRU/RNN; 
 names, `rnn.weight_ih_l0` etc., are what checkpoints hold). `peephole`, `coupled` and `mlstm` are
 written out below as the lecture's equations, one small `step` per cell, and share one recurrence
 path (`recur`): the input projections of all time steps in one matmul, then only the recurrent
-part step by step. Measured on the 2-core CPU (benchmarks/cells.py), TorchScript gave no gain on
-that loop and torch.compile took ~30 s to compile and then ran slower, so nothing is compiled.
+part step by step. Layer 0's input is a character's embedding, so its projections are gathered from
+a table of one row per character (the layer's `in_proj` of the embedding's rows, V rows instead of
+B*T): the same numbers, and the matmul over every embedded character and its two backward
+matmuls are gone (1x512 mLSTM: about a third of its training step, docs/cells.md). Measured on
+the 2-core CPU (benchmarks/cells.py), TorchScript gave no gain on that loop and torch.compile took ~30 s to compile and then ran slower, so nothing is compiled.
 What did pay is the mLSTM's `sequence`: the whole layer as one autograd.Function (`MLSTMSequence`)
 with a hand-written backward, used whenever no hook reaches the layer and autocast is off; it
 gives the same numbers as `recur` over `step` (tests/test_cells.py), and trained 1.2x (one
@@ -180,9 +183,9 @@ class MultiplicativeLSTM(CustomCell):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # C_t = f_t * C_{t-1} + i_t * C~_t
         return torch.sigmoid(o) * torch.tanh(c), c  # h_t = o_t * tanh(C_t)
 
-    def sequence(self, x: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
-        """All T steps at once, the same maths as `step` in a loop: x (B, T, E) -> outputs (B, T, H), final (h, c)."""
-        xp = self.in_proj(x.transpose(0, 1))  # (T, B, 5H), time-major so that each step's slice is contiguous
+    def sequence(self, xp: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        """All T steps at once, the same maths as `step` in a loop: the input projections xp (T, B, 5H),
+        time-major so that each step's slice is contiguous -> outputs (B, T, H), final (h, c)."""
         out, h, c = MLSTMSequence.apply(xp, state[0], state[1], self.weight_mh, self.weight_hh)
         # batch-major and contiguous, as `recur` returns it: dropout draws its mask in memory order
         return out.transpose(0, 1).contiguous(), (h, c)
@@ -312,15 +315,15 @@ def recur(cell, xp: torch.Tensor, state: LayerState, hook: Hook | None = None,
     return torch.stack(outs, 1), state
 
 
-def _whole_sequence(cell, x: torch.Tensor, hook: Hook | None, layer: int) -> bool:
+def _whole_sequence(cell, idx: torch.Tensor, hook: Hook | None, layer: int) -> bool:
     """Whether this layer runs as one `cell.sequence` call instead of `recur`: the cell has one
     (mlstm), no hook reaches this layer (a hook's `first_layer` leaves the layers below alone), and
     no autocast is on (the hand-written backward works in the tensors' own dtype)."""
-    if not hasattr(cell, "sequence") or x.shape[1] == 0:
+    if not hasattr(cell, "sequence") or idx.shape[1] == 0:
         return False
     if hook is not None and layer >= getattr(hook, "first_layer", 0):
         return False
-    return not torch.is_autocast_enabled(x.device.type)
+    return not torch.is_autocast_enabled(idx.device.type)
 
 
 def _folded_first_step(rows: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor, cell: str,
@@ -398,22 +401,25 @@ class CharRNN(nn.Module):
         out, h = fn(x, state[0][:n].contiguous(), *args)
         return out, [(h[i],) for i in range(n)]
 
-    def _run_steps(self, x: torch.Tensor, state: State, hook: Hook | None) -> tuple[torch.Tensor, State]:
+    def _run_steps(self, idx: torch.Tensor, state: State, hook: Hook | None) -> tuple[torch.Tensor, State]:
         finals = []
         first = min(getattr(hook, "first_layer", 0), self.config.layers) if self.fused else 0
         if first > 0:
-            x, finals = self._run_fused_layers(x, state, first)
+            x, finals = self._run_fused_layers(self.embedding(idx), state, first)
         for layer, cell in enumerate(self.layer_cells()):
             if layer < first:
                 continue
-            if layer > 0:
-                x = self.drop(x)  # between layers, as nn.LSTM's dropout
             layer_state = tuple(s[layer] for s in state)
-            if _whole_sequence(cell, x, hook, layer):
-                x, last = cell.sequence(x, layer_state)  # (B, T, H)
+            whole = _whole_sequence(cell, idx, hook, layer)
+            if layer == 0:  # a row per character: the table of every character's input projection
+                xp = F.embedding(idx.t() if whole else idx, cell.in_proj(self.embedding.weight))
             else:
-                xp = cell.in_proj(x)  # (B, T, G): every step's input projection in one matmul
-                x, last = recur(cell, xp, layer_state, hook, layer)  # (B, T, H)
+                x = self.drop(x)  # between layers, as nn.LSTM's dropout
+                xp = cell.in_proj(x.transpose(0, 1) if whole else x)  # every step's projection in one matmul
+            if whole:
+                x, last = cell.sequence(xp, layer_state)  # xp time-major (T, B, G) -> (B, T, H)
+            else:
+                x, last = recur(cell, xp, layer_state, hook, layer)  # xp (B, T, G) -> (B, T, H)
             finals.append(last)
         return x, tuple(torch.stack(parts) for parts in zip(*finals))
 
@@ -552,14 +558,13 @@ class CharRNN(nn.Module):
         """
         if state is None:
             state = self.init_state(idx.shape[0], idx.device)
-        x = self.embedding(idx)  # (B, T, E)
         bound = self.config.bound_unit is not None
         if bound and hook is None and self.fused:
-            out, state = self._run_bound_fused(x, state, write)  # the fused kernel, the unit written
+            out, state = self._run_bound_fused(self.embedding(idx), state, write)  # the fused kernel, the unit written
         elif self.fused and hook is None and not bound:
-            out, state = self._run_fused(x, state)  # (B, T, H)
+            out, state = self._run_fused(self.embedding(idx), state)  # (B, T, H)
         else:
-            out, state = self._run_steps(x, state, self._pinned(hook, write) if bound else hook)  # (B, T, H)
+            out, state = self._run_steps(idx, state, self._pinned(hook, write) if bound else hook)  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
         loss = None
         if targets is not None:

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from charrnn import checkpoint as ckm
-from charrnn.model import CELLS, CUSTOM_CELLS, FUSED_CELLS, CharRNN, CoupledLSTM, ModelConfig, MultiplicativeLSTM, PeepholeLSTM
+from charrnn.model import (
+    CELLS, CUSTOM_CELLS, FUSED_CELLS, CharRNN, CoupledLSTM, ModelConfig, MultiplicativeLSTM, PeepholeLSTM, recur,
+)
 from conftest import TINY, run_cli
 
 
@@ -270,6 +272,30 @@ def test_mlstm_whole_sequence_matches_the_step_equations(dtype, tol, dropout):
     for a, b in zip(fast, slow):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("cell,hook", [("mlstm", None), ("mlstm", identity), ("peephole", None), ("coupled", None),
+                                       ("lstm", identity), ("gru", identity)])
+def test_first_layer_reads_a_row_per_character(cell, hook):
+    """Layer 0's input projections are gathered from a table with one row per character (the layer's
+    in_proj of the embedding's rows) instead of a matmul over every embedded character: the logits, final
+    state and every gradient equal the equations' way, each character embedded and then projected."""
+    torch.manual_seed(3)
+    m = CharRNN(ModelConfig(vocab_size=7, cell=cell, layers=1, hidden=6, embed=4)).double()
+    idx, y = torch.randint(0, 7, (3, 9)), torch.randint(0, 7, (3, 9))
+    state = tuple(torch.randn_like(s) for s in m.init_state(3))
+    logits, loss, final = m(idx, y, tuple(s.clone() for s in state), hook=hook)
+    grads = torch.autograd.grad(loss + final[0].sum(), list(m.parameters()))
+
+    layer = m.layer_cells()[0]
+    out, last = recur(layer, layer.in_proj(m.embedding(idx)), tuple(s[0] for s in state))
+    ref_logits = m.head(out)
+    ref_loss = F.cross_entropy(ref_logits.reshape(-1, 7).float(), y.reshape(-1))  # in fp32, as the model's
+    ref_grads = torch.autograd.grad(ref_loss + last[0].sum(), list(m.parameters()))
+    torch.testing.assert_close(logits, ref_logits, atol=1e-10, rtol=1e-10)
+    for a, b in zip([*final, *grads], [*(s.unsqueeze(0) for s in last), *ref_grads]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert grads[0].abs().sum() > 0  # the embedding learns through the table
 
 
 def test_mlstm_whole_sequence_runs_only_without_a_hook_on_the_layer():
