@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from charrnn import checkpoint as ckm
 from charrnn.model import (
-    CELLS, CUSTOM_CELLS, FUSED_CELLS, CharRNN, CoupledLSTM, ModelConfig, MultiplicativeLSTM, PeepholeLSTM, recur,
+    CELLS, CUSTOM_CELLS, FUSED_CELLS, CharRNN, CoupledLSTM, ModelConfig, MultiplicativeLSTM, PeepholeLSTM, _times_t, recur,
 )
 from conftest import TINY, run_cli
 
@@ -296,6 +296,17 @@ def test_first_layer_reads_a_row_per_character(cell, hook):
     for a, b in zip([*final, *grads], [*(s.unsqueeze(0) for s in last), *ref_grads]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
     assert grads[0].abs().sum() > 0  # the embedding learns through the table
+
+
+def test_mlstm_products_equal_torch_matmul():
+    """The whole-sequence path's products (oneDNN's linear for fp32 on a CPU that has it) equal x @ w.t(),
+    also for rows that are slices of a wider buffer, as each step's dz is; float64 goes through torch.mm."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64)
+    for x in (torch.randn(32, 64), torch.randn(32, 80)[:, 16:]):
+        torch.testing.assert_close(_times_t(x, w), x @ w.t(), atol=1e-4, rtol=1e-5)
+    x64, w64 = torch.randn(8, 64, dtype=torch.float64), w.double()
+    assert torch.equal(_times_t(x64, w64), x64 @ w64.t())
 
 
 def test_mlstm_whole_sequence_runs_only_without_a_hook_on_the_layer():
