@@ -82,7 +82,7 @@ def new_run(corpus: list[Path], cfg: TrainConfig, run_dir: Path | None, init_fro
     check_available(cfg.precision, asked)
     sizer = _sizer(cfg, len(vocab), len(train_data), init, asked.type)
     cfg = resolve(cfg, len(train_data), time_budget(cfg), asked.type,
-                  arch=init["model_config"] if init is not None else None, measure=sizer, vocab_size=len(vocab))
+                  arch=init["model_config"] if init is not None else None, measure=sizer)
     state = RunState.start(cfg, StreamBatcher(train_data, cfg.batch_size, cfg.seq_len).batches_per_epoch)
     if sizer is not None and sizer.speeds:
         state.sizing = sizer.record(cfg.hidden)

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charrnn.config import TrainConfig, embed_for
+from charrnn.config import TrainConfig
 from charrnn.data import Vocab
 from charrnn.lexicon import Lexicon
 from charrnn.model import CharRNN, ModelConfig
@@ -74,13 +74,12 @@ class Shape:
 
 
 class RawModel(nn.Module):
-    """The baseline: embedding (as wide as charrnn's default), fused recurrent layers, linear head; nothing else."""
+    """The baseline: embedding, fused recurrent layers, linear head; nothing else."""
 
     def __init__(self, vocab: int, s: Shape):
         super().__init__()
-        embed = embed_for(0, s.hidden, vocab)
-        self.emb = nn.Embedding(vocab, embed)
-        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[s.cell](embed, s.hidden, s.layers, batch_first=True)
+        self.emb = nn.Embedding(vocab, s.hidden)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[s.cell](s.hidden, s.hidden, s.layers, batch_first=True)
         self.head = nn.Linear(s.hidden, vocab)
 
     def forward(self, x, h):

@@ -68,7 +68,7 @@ class TrainConfig:
     cell: str = "lstm"  # recurrent cell
     layers: int | None = None  # stacked recurrent layers
     hidden: int | None = None  # units per layer
-    embed: int = 0  # embedding width; 0: `embed_for` (the vocabulary's size, at most hidden)
+    embed: int = 0  # embedding width; 0: same as hidden
     dropout: float | None = None  # dropout between layers and before the head
     # optimisation
     seq_len: int | None = None  # characters per truncated-BPTT window; None: SEQ_BY_DEVICE
@@ -163,7 +163,7 @@ def validate(cfg: TrainConfig) -> None:
         if v is not None and v > limit:
             raise UsageError(f"--{name.replace('_', '-')} must be at most {limit:,} (got {v:,})")
     if cfg.embed < 0:
-        raise UsageError(f"--embed must be 0 (the vocabulary's size, at most --hidden) or more (got {cfg.embed})")
+        raise UsageError(f"--embed must be 0 (same as --hidden) or more (got {cfg.embed})")
     if cfg.dropout is not None and not 0.0 <= cfg.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1) (got {cfg.dropout})")
     if cfg.lr is not None and not cfg.lr > 0:
@@ -232,7 +232,7 @@ def time_budget(cfg: TrainConfig) -> float | None:
 
 
 def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu",
-            arch: dict | None = None, measure: "Measure | None" = None, vocab_size: int | None = None) -> TrainConfig:
+            arch: dict | None = None, measure: "Measure | None" = None) -> TrainConfig:
     """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device.
 
     `arch` is the model_config of an --init-from checkpoint: its cell and sizes replace the asked-for
@@ -242,11 +242,10 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
     A CPU run's width is the rule's (`width_for`) on the candidates that fit the corpus. `measure(cfg,
     widths)` gives their speeds on this machine (charrnn/sizing.py); it is asked only for a run with a
     time budget that has a choice to make, and otherwise (or when it measured nothing) the reference
-    CPU's speeds stand in. The chosen width's measured speed also sizes the dropout. With `vocab_size`,
-    --embed 0 becomes `embed_for`'s width.
+    CPU's speeds stand in. The chosen width's measured speed also sizes the dropout.
     """
-    if arch is not None:  # a checkpoint's embed 0 meant its width
-        cfg = replace(cfg, **{k: arch[k] for k in ("cell", "layers", "hidden")}, embed=arch["embed"] or arch["hidden"],
+    if arch is not None:
+        cfg = replace(cfg, **{k: arch[k] for k in ("cell", "layers", "hidden", "embed")},
                       dropout=arch["dropout"] if cfg.dropout is None else cfg.dropout)
     out = replace(
         cfg,
@@ -271,18 +270,7 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
         speed = measured.get(out.hidden)
         epochs = expected_epochs(out, train_chars, budget_s, device_type, speed.chars_per_s if speed else None)
         out = replace(out, dropout=next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit))
-    if vocab_size is not None:
-        out = replace(out, embed=embed_for(out.embed, out.hidden, vocab_size))
     return out
-
-
-def embed_for(embed: int, hidden: int, vocab_size: int) -> int:
-    """The embedding width: `embed` when given (not 0), else the vocabulary's size, at most `hidden`. Layer 0
-    sees a character only through its input projection, a table of one row per character, and an embedding
-    as wide as the vocabulary can already give that table any values; a wider one adds weights and the
-    matmul's work, not functions (on tiny Shakespeare, 2x256 in bf16 for 5 minutes: 65 wide trained 1.39x
-    as fast as 256 and reached 1.4704 against 1.4753; docs/training.md)."""
-    return embed or min(hidden, vocab_size)
 
 
 def _gpu_hidden(layers: int, train_chars: int, budget_s: float | None) -> int:

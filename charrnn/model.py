@@ -8,7 +8,8 @@ part step by step. Layer 0's input is a character's embedding, so its projection
 a table of one row per character (the layer's `in_proj` of the embedding's rows, V rows instead of
 B*T): the same numbers, and the matmul over every embedded character and its two backward
 matmuls are gone (1x512 mLSTM: about a third of its training step, docs/cells.md). Measured on
-the 2-core CPU (benchmarks/cells.py), TorchScript gave no gain on that loop and torch.compile took ~30 s to compile and then ran slower, so nothing is compiled.
+the 2-core CPU (benchmarks/cells.py), TorchScript gave no gain on that loop and torch.compile took
+~30 s to compile and then ran slower, so nothing is compiled.
 What did pay is the mLSTM's `sequence`: the whole layer as one autograd.Function (`MLSTMSequence`)
 with a hand-written backward, used whenever no hook reaches the layer and autocast is off; it
 gives the same numbers as `recur` over `step` (tests/test_cells.py), and trained 1.2x (one
@@ -196,10 +197,11 @@ class MLSTMSequence(torch.autograd.Function):
     """A whole mLSTM layer over T steps with a hand-written backward: the same maths as
     `MultiplicativeLSTM.step` in a loop, at a fraction of autograd's per-step cost.
 
-    Forward: two matmuls and seven elementwise ops per step, written into preallocated (T, B, .)
+    Forward: two matmuls and eight elementwise ops per step, written into preallocated (T, B, .)
     buffers. Backward: the derivatives that do not depend on the recurrence are computed for all
-    steps at once, the loop over time does two matmuls and five elementwise ops per step, and the
-    recurrent weights' gradients are one matmul each over the stacked steps.
+    steps at once, the loop over time does two matmuls and six elementwise ops per step, and the
+    recurrent weights' gradients are one matmul each over the stacked steps. The matmuls go through
+    `_times_t` (oneDNN's linear in fp32 on a CPU: about twice torch.mm's speed at these shapes).
     Inputs are time-major: xp (T, B, 5H) = [W_mx x_t | W_x x_t + b], h0 and c0 (B, H).
     """
 

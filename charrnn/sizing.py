@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn.config import Speed, TrainConfig, chars_per_param, embed_for, rule_for, width_for
+from charrnn.config import Speed, TrainConfig, chars_per_param, rule_for, width_for
 from charrnn.device import cpu_has_bf16, machine_key
 from charrnn.model import CharRNN, ModelConfig, Write
 
@@ -48,7 +48,7 @@ def cache_key(cfg: TrainConfig, hidden: int, vocab_size: int) -> str:
     """The shape (cell, depth, width, batch, window, vocabulary, binding) and the machine (CPU, torch, threads,
     precision)."""
     bound = f" bound {cfg.sentiment.fixed:g}" if cfg.sentiment.unit else ""
-    return (f"{cfg.cell} {cfg.layers}x{hidden} embed {embed_for(cfg.embed, hidden, vocab_size)} vocab {vocab_size} batch {cfg.batch_size} "
+    return (f"{cfg.cell} {cfg.layers}x{hidden} embed {cfg.embed} vocab {vocab_size} batch {cfg.batch_size} "
             f"seq {cfg.seq_len}{bound} | {machine_key()} | "
             f"precision {'+'.join(_modes(cfg.precision))}")
 
@@ -79,8 +79,7 @@ def time_width(cfg: TrainConfig, hidden: int, vocab_size: int) -> tuple[Speed, s
     from charrnn.precision import BF16_MIN_SPEEDUP
 
     bound = 0 if cfg.sentiment.unit else None
-    embed = embed_for(cfg.embed, hidden, vocab_size)
-    model = CharRNN(ModelConfig(vocab_size, cfg.cell, cfg.layers, hidden, embed, 0.0, bound)).train()
+    model = CharRNN(ModelConfig(vocab_size, cfg.cell, cfg.layers, hidden, cfg.embed, 0.0, bound)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     idx = torch.randint(vocab_size, (cfg.batch_size, cfg.seq_len + 1))
     state = model.init_state(cfg.batch_size, torch.device("cpu"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from charrnn import checkpoint as ckm
-from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, embed_for, param_count,
-                            resolve, width_for)
+from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, param_count, resolve,
+                            width_for)
 from charrnn.errors import CharRNNError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.sizing import Sizer, cache_file
@@ -147,31 +147,6 @@ def test_a_time_budget_run_measures_chooses_and_keeps_its_shape_on_resume(big_co
     assert "sizing:" not in r.stderr and not cache_file().exists()
     after = ckm.load(ckm.resolve(tmp_path / "run"))
     assert after["model_config"] == ck["model_config"] and after["train"]["state"]["sizing"] == sizing
-
-
-def test_the_embedding_is_as_wide_as_the_vocabulary_at_most_the_width():
-    assert embed_for(0, 256, 65) == 65 and embed_for(0, 48, 65) == 48 and embed_for(32, 256, 65) == 32
-    assert resolve(TrainConfig(hidden=256), 10**6, 300, vocab_size=65).embed == 65
-    assert resolve(TrainConfig(hidden=256, embed=100), 10**6, 300, vocab_size=65).embed == 100
-    # an --init-from checkpoint's embed 0 (as runs before this default stored it) meant its width
-    arch = dict(cell="lstm", layers=1, hidden=64, embed=0, dropout=0.0)
-    assert resolve(TrainConfig(), 10**6, 300, arch=arch, vocab_size=20).embed == 64
-    assert resolve(TrainConfig(), 10**6, 300, arch={**arch, "embed": 16}, vocab_size=20).embed == 16
-    # the sizing times each width with the embedding it would train with, and keys its cache by it
-    cfg = resolve(TrainConfig(layers=1, seq_len=8, batch_size=4, threads=1), 10_000, 60, measure=None)
-    sizer = Sizer(vocab_size=20, budget_s=3600)
-    speeds = sizer(cfg, [8, 32])
-    assert speeds[32].params == CharRNN(ModelConfig(20, "lstm", 1, 32, 20)).num_params()
-    assert speeds[8].params == CharRNN(ModelConfig(20, "lstm", 1, 8, 8)).num_params()
-
-
-def test_a_run_embeds_as_wide_as_its_vocabulary(big_corpus, tmp_path):
-    r = run_cli("train", big_corpus, "--steps", "2", "--hidden", "96", *TINY_SHAPE, "--run", "run")
-    assert r.exit_code == 0, r.stderr
-    ck = ckm.load(ckm.resolve(tmp_path / "run"))
-    vocab = ck["model_config"]["vocab_size"]
-    assert vocab < 96 and ck["model_config"]["embed"] == ck["train"]["config"]["embed"] == vocab
-    assert tuple(ck["model"]["embedding.weight"].shape) == (vocab, vocab)
 
 
 def test_a_given_width_measures_nothing(big_corpus, tmp_path, monkeypatch):

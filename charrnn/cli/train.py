@@ -18,7 +18,7 @@ def train(
     cell: Annotated[Cell, typer.Option(help="Recurrent cell.")] = Cell.lstm,
     layers: Annotated[Optional[int], typer.Option(min=1, help="Stacked layers \\[default: 2].", show_default=False)] = None,
     hidden: Annotated[Optional[int], typer.Option(min=1, help="Units per layer \\[default: chosen from the time budget, this machine's measured speed and the corpus].", show_default=False)] = None,
-    embed: Annotated[int, typer.Option(min=0, help="Embedding width; 0 = the vocabulary's size, at most --hidden.")] = 0,
+    embed: Annotated[int, typer.Option(min=0, help="Embedding width; 0 = same as --hidden.")] = 0,
     dropout: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Dropout \\[default: from the expected passes over the corpus: 0 to 0.3].", show_default=False)] = None,
     seq_len: Annotated[Optional[int], typer.Option(min=1, help="Characters per backprop-through-time window \\[default: 64 on a CPU, 128 on a GPU].", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32 on a CPU, 128 on CUDA].", show_default=False)] = None,
