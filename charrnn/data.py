@@ -298,12 +298,19 @@ def split(data: torch.Tensor, val_frac: float) -> tuple[torch.Tensor, torch.Tens
     return data[: len(data) - n_val], data[len(data) - n_val :]
 
 
+PASS_STRIDE = (5**0.5 - 1) / 2  # StreamBatcher.offset: each pass starts this share of a stream after the one before
+
+
 class StreamBatcher:
     """B contiguous streams over the data, read T characters at a time (truncated BPTT).
 
     Stream b is the b-th of B equal slices of the data; batch i holds characters
     [i*T, i*T + T] of every stream, so the recurrent state of one batch carries into the next.
-    After the end of the streams a new epoch starts at position 0 and the state is reset.
+    After the end of the streams a new pass (epoch) starts and the state is reset. Each pass
+    after the first starts its streams `offset(epoch)` characters further into the data (the last
+    stream wraps round to the start), so the passes do not cut the text at the same places: the
+    streams begin, and the windows end, at other characters each time. Where a pass starts is a
+    function of its number only, so a resumed run reads what it would have read.
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, seq_len: int):
@@ -314,12 +321,24 @@ class StreamBatcher:
                 f"the training text has {len(data)} characters, fewer than one batch needs "
                 f"({batch_size} streams x {seq_len + 1}); use a longer corpus or smaller --batch-size/--seq-len"
             )
-        self.streams = data[: self.stream_len * batch_size].view(batch_size, self.stream_len)
+        self.flat = data[: self.stream_len * batch_size]
+        self.streams = self.flat.view(batch_size, self.stream_len)
         self.batches_per_epoch = (self.stream_len - 1) // seq_len
+
+    def offset(self, epoch: int) -> int:
+        """Where pass `epoch` starts each stream, in characters past its slice's start: 0 for the first pass,
+        then the fractional parts of epoch x 0.618... (the golden ratio's), which spread any number of
+        passes evenly over the stream's length."""
+        return int(((epoch * PASS_STRIDE) % 1.0) * self.stream_len)
 
     def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Batch number `index` (counted from the start of training): inputs, targets, epoch_start."""
-        i = index % self.batches_per_epoch
-        p = i * self.seq_len
-        chunk = self.streams[:, p : p + self.seq_len + 1].long()  # (B, T+1)
+        epoch, i = divmod(index, self.batches_per_epoch)
+        p = i * self.seq_len + self.offset(epoch)
+        if p + self.seq_len < self.stream_len:  # no stream reaches past its slice: one slice of the view
+            chunk = self.streams[:, p : p + self.seq_len + 1]
+        else:  # the streams run into the next slice; the last one round to the start of the data
+            starts = torch.arange(self.batch_size) * self.stream_len + p
+            chunk = self.flat[(starts[:, None] + torch.arange(self.seq_len + 1)) % len(self.flat)]
+        chunk = chunk.long()  # (B, T+1)
         return chunk[:, :-1], chunk[:, 1:], i == 0

@@ -110,8 +110,33 @@ def test_stream_batcher_streams_are_contiguous():
     assert torch.equal(x1[:, 0], x0[:, -1] + 1)
     # stream b starts at b * stream_len
     assert x0[:, 0].tolist() == [0, 250, 500, 750]
-    # after an epoch it starts over
-    assert torch.equal(b.get(b.batches_per_epoch)[0], x0)
+    # the first pass starts at the slices' starts; the next one further in, with the state reset
+    assert b.offset(0) == 0
+    x_next, _, start_next = b.get(b.batches_per_epoch)
+    assert start_next
+    assert x_next[:, 0].tolist() == [250 * s + b.offset(1) for s in range(4)] and b.offset(1) > 0
+
+
+def test_stream_batcher_starts_each_pass_elsewhere_and_wraps_round():
+    """Passes cut the text at other places: each starts its streams at another offset (the last stream runs
+    round to the start of the data), reads every stream contiguously, and depends only on the step."""
+    data = torch.arange(1000)
+    b = StreamBatcher(data, batch_size=4, seq_len=10)
+    offsets = [b.offset(e) for e in range(12)]
+    assert len(set(offsets)) == 12 and all(0 <= o < 250 for o in offsets)
+    assert len({o % 10 for o in offsets}) > 5  # the windows end at other characters too
+    wrapping = next(e for e in range(1, 12) if b.offset(e) + b.batches_per_epoch * 10 >= 250)
+    first = wrapping * b.batches_per_epoch
+    seen = [b.get(k) for k in range(first, first + b.batches_per_epoch)]
+    assert seen[0][2] and not any(start for _, _, start in seen[1:])
+    xs = torch.cat([x for x, _, _ in seen], dim=1)  # (4, the pass's characters per stream)
+    ys = torch.cat([y for _, y, _ in seen], dim=1)
+    assert torch.equal(xs[:, 0], torch.arange(4) * 250 + b.offset(wrapping))
+    assert torch.equal(ys, (xs + 1) % 1000)  # targets follow inputs, 999 then 0 where the last stream wraps
+    assert torch.equal(xs[:, 1:], (xs[:, :-1] + 1) % 1000)  # each stream contiguous across its batches
+    assert 999 in xs[3].tolist() and 0 in xs[3].tolist()
+    again = StreamBatcher(data, batch_size=4, seq_len=10)  # a resumed run: the same step gives the same batch
+    assert torch.equal(again.get(first + 3)[0], seen[3][0])
 
 
 def test_stream_batcher_rejects_too_short_corpus():
