@@ -63,12 +63,12 @@ def _warmed_state(model: CharRNN, data: torch.Tensor, n_rows: int, stream_len: i
     leave, zeros for the first stream (the text starts there)."""
     state = model.init_state(n_rows, device)
     context = min(context, stream_len)
-    if context < 1:
+    if context < 1 or n_rows == 0:  # no context asked for, or more processes than streams
         return state
-    first = torch.arange(n_rows) * (dist.world if dist is not None and dist.enabled else 1) + \
-        (dist.rank if dist is not None and dist.enabled else 0)  # each row's stream number
-    starts = (first * stream_len - context).clamp(min=0)
+    shared = dist is not None and dist.enabled
+    stream = torch.arange(n_rows) * (dist.world if shared else 1) + (dist.rank if shared else 0)  # each row's
+    starts = (stream * stream_len - context).clamp(min=0)
     prefix = torch.stack([data[s : s + context] for s in starts.tolist()]).long().to(device)  # (S, context)
     _, _, state = model(prefix, state=state)
-    keep = (first > 0).to(device)[None, :, None]  # the first stream has no text before it
+    keep = (stream > 0).to(device)[None, :, None]  # the first stream has no text before it
     return tuple(torch.where(keep, s, torch.zeros_like(s)) for s in state)
