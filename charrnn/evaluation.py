@@ -66,7 +66,7 @@ def _warmed_state(model: CharRNN, data: torch.Tensor, n_rows: int, stream_len: i
     if context < 1 or n_rows == 0:  # no context asked for, or more processes than streams
         return state
     shared = dist is not None and dist.enabled
-    stream = torch.arange(n_rows) * (dist.world if shared else 1) + (dist.rank if shared else 0)  # each row's
+    stream = torch.arange(n_rows) * (dist.world if shared else 1) + (dist.rank if shared else 0)  # by row
     starts = (stream * stream_len - context).clamp(min=0)
     prefix = torch.stack([data[s : s + context] for s in starts.tolist()]).long().to(device)  # (S, context)
     _, _, state = model(prefix, state=state)
