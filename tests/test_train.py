@@ -105,6 +105,14 @@ def test_schedule_warms_up_and_decays():
     assert lr_at(50, 100, cfg) < lr_at(20, 100, cfg)
 
 
+def test_default_schedule_decays_to_zero_and_its_last_step_still_learns():
+    cfg = TrainConfig(lr=5e-3)  # min_lr_frac's default: the decay ends at zero (docs/training.md)
+    last = 999  # steps 0..999 of a 1,000-step run
+    assert lr_at(1000, 1000, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert 0 < lr_at(last, 1000, cfg) < 1e-7
+    assert lr_at(last - 100, 1000, cfg) > lr_at(last, 1000, cfg)
+
+
 def test_defaults_follow_budget_corpus_and_device():
     from charrnn.config import resolve
 
