@@ -358,10 +358,12 @@ GPU_CHARS_PER_S = 1.0e6
 # (15 passes read, 16-25 predicted) 0.1 and 0.2 ended level (1.4521, 1.4506), but at equal steps and seeds
 # (2x256 bf16, 6,500 steps, 13.3 passes read, the cosine to zero) 0.1 beat 0.2 in both seeds, 1.4344 / 1.4523
 # against 1.4538 / 1.4649, and the sizing's best-step timing predicts 19-25 passes for that run (it times
-# 62,000-85,000 chars/s; the run trains at 49,000-53,000). So 0.1 holds to 28 predicted passes, and 0.3
-# starts past 31 (2x512 at 30 minutes: 32 and 35 predicted, 0.3 reached 1.4259 and 1.4302); 0.2 between them
-# is interpolated, not measured.
-DROPOUT_BY_EPOCHS = [(7, 0.0), (28, 0.1), (31, 0.2), (float("inf"), 0.3)]
+# 62,000-85,000 chars/s; the run trains at 49,000-53,000). So 0.1 holds to 26 predicted passes, past every
+# 5-minute 2x256 timing seen (19-25.4), and no further: the 30-minute 2x512 run timed 27.4-35 passes, where
+# 0.2 and 0.3 were measured (0.3 past 30: 1.4259 and 1.4302 at 32 and 35; 0.2 1.4471). Passes alone cannot
+# part the two models more finely (a wider model overfits after fewer passes); a rule that also weighs the
+# model's size against the corpus is what is left.
+DROPOUT_BY_EPOCHS = [(7, 0.0), (26, 0.1), (30, 0.2), (float("inf"), 0.3)]
 GATES = {"lstm": 4, "peephole": 4, "coupled": 3, "mlstm": 4, "gru": 3, "rnn": 1}
 
 
