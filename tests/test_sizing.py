@@ -68,15 +68,20 @@ def test_measured_speed_sizes_the_dropout_too():
     assert slow.dropout == 0.0 and fast.dropout > 0.0
 
 
+def _tiny_shakespeare_default(monkeypatch, width: int, chars_per_s: float, budget: float) -> TrainConfig:
+    """The defaults resolved for tiny Shakespeare's training text when sizing times `width` at `chars_per_s`
+    (and 2x128 far faster): the width chosen and the dropout its predicted passes give."""
+    monkeypatch.setenv("CHARRNN_WIDTHS", f"128,{width}")
+    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), width: Speed(chars_per_s, param_count("lstm", 2, width))}
+    return resolve(TrainConfig(), 1_003_855, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+
+
 @pytest.mark.parametrize("passes,dropout", [(4.1, 0.0), (6.5, 0.0), (7.6, 0.1)])
 def test_dropout_starts_past_seven_passes(monkeypatch, passes, dropout):
     """tiny Shakespeare's 5-minute default on the 2-core CPU: 2x192 at 25,400 chars/s (7.6 passes predicted)
     gets dropout 0.1, which beat none at 8.3 passes; at 21,700 (6.5) and half the speed (4.1), where none
     won, it gets none."""
-    monkeypatch.setenv("CHARRNN_WIDTHS", "128,192")
-    chars, budget = 1_003_855, 300.0
-    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), 192: Speed(passes * chars / budget, param_count("lstm", 2, 192))}
-    cfg = resolve(TrainConfig(), chars, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+    cfg = _tiny_shakespeare_default(monkeypatch, 192, passes * 1_003_855 / 300.0, 300.0)
     assert (cfg.hidden, cfg.dropout) == (192, dropout)
 
 
@@ -86,10 +91,7 @@ def test_dropout_0_3_past_thirty_passes(monkeypatch, chars_per_s, dropout):
     (32 and 35 passes predicted) gets dropout 0.3, which reached 1.4259 and 1.4302 where 0.2 reached 1.4471
     and overfitted; timed at 15,280 (27.4 passes predicted, past every 5-minute 2x256 timing) it gets 0.2,
     not the 5-minute run's 0.1."""
-    monkeypatch.setenv("CHARRNN_WIDTHS", "128,512")
-    chars, budget = 1_003_855, 1800.0
-    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), 512: Speed(chars_per_s, param_count("lstm", 2, 512))}
-    cfg = resolve(TrainConfig(), chars, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+    cfg = _tiny_shakespeare_default(monkeypatch, 512, chars_per_s, 1800.0)
     assert (cfg.hidden, cfg.dropout) == (512, dropout)
 
 
@@ -98,10 +100,7 @@ def test_five_minute_2x256_keeps_dropout_0_1_however_fast_its_best_step(monkeypa
     """The 5-minute default on the AVX512-BF16 EPYC: sizing timed 2x256 at 62,612 and 85,089 chars/s (19 and 25
     passes predicted) for runs that trained at 49,000-53,000 (13-16 passes read), where 0.1 beat 0.2 by
     0.013-0.019 at equal steps and seeds; both get 0.1."""
-    monkeypatch.setenv("CHARRNN_WIDTHS", "128,256")
-    chars, budget = 1_003_855, 300.0
-    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), 256: Speed(chars_per_s, param_count("lstm", 2, 256))}
-    cfg = resolve(TrainConfig(), chars, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+    cfg = _tiny_shakespeare_default(monkeypatch, 256, chars_per_s, 300.0)
     assert (cfg.hidden, cfg.dropout) == (256, 0.1)
 
 
