@@ -286,7 +286,7 @@ def test_guidance_draws_from_the_amplified_contrast():
     assert len(a) == len(b) == 8 and all(v.tolist() == [1.0, 1.0, -1.0, -1.0] for v in seen)
     # the same draw by hand: log p_own + 2 * (log p_own - log p_opposite) over the characters the own row
     # finds plausible, the two rows fed the same text
-    from charrnn.sample import GUIDANCE_PLAUSIBLE
+    from charrnn.sample import GUIDANCE_PLAUSIBLE, categorical
 
     g = torch.Generator().manual_seed(1)
     st = model.init_state(4)
@@ -299,7 +299,7 @@ def test_guidance_draws_from_the_amplified_contrast():
             lp, lq = torch.log_softmax(lg[:2], -1), torch.log_softmax(lg[2:], -1)
             ruled_out = lp < lp.max(-1, keepdim=True).values + math.log(GUIDANCE_PLAUSIBLE)
             mix = (lp + 2.0 * (lp - lq)).masked_fill(ruled_out, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(mix, -1), 1, generator=g).squeeze(-1)
+            nxt = categorical(torch.softmax(mix, -1), g)
             text.append(nxt)
             lg, st = model.step(nxt.repeat(2), st, hook)
     assert [a[2:], b[2:]] == ["".join(vocab.chars[int(t[r])] for t in text) for r in range(2)]

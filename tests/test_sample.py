@@ -9,7 +9,8 @@ import torch
 from charrnn.data import Vocab
 from charrnn.errors import UsageError
 from charrnn.model import CharRNN, ModelConfig
-from charrnn.sample import SampleConfig, choose_precision, clean_prime, generate, pick, top_k_filter, top_p_filter
+from charrnn.sample import (SampleConfig, _past_the_end, categorical, choose_precision, clean_prime, generate, pick,
+                            top_k_filter, top_p_filter)
 from charrnn.device import cpu_has_bf16
 from charrnn.sampleprecision import auto_precision, cache_file, cache_key, cached_choice
 from charrnn.stops import StopStrings
@@ -45,6 +46,28 @@ def test_low_temperature_sharpens():
     cold = pick(logits, SampleConfig(temperature=0.2), g).float().mean().item()
     assert cold > hot  # picks index 1 more often
     assert math.isclose(hot, 1 / (1 + math.exp(-0.5)), abs_tol=0.05)
+
+
+def test_categorical_draws_each_row_by_its_probabilities_and_never_a_zero():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]]).repeat(20000, 1)
+    ids = categorical(probs, torch.Generator().manual_seed(0))
+    first = torch.bincount(ids[0::2], minlength=6).double() / 20000
+    assert torch.allclose(first, torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0], dtype=torch.double), atol=0.01)
+    assert first[[0, 2, 5]].sum() == 0 and ids[1::2].eq(5).all()
+    # the same seed draws the same ids; the rows need not sum to 1 (top-k and top-p leave them at 1 anyway)
+    again = categorical(probs * 3, torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+
+
+def test_categorical_past_the_end_takes_the_last_possible_character_or_raises():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    cum = probs.cumsum(-1)
+    # a uniform rounded up to its row's total finds no cumulative probability above it (index 3): the row's
+    # last character of nonzero probability is drawn, never the zero one after it
+    assert _past_the_end(probs, cum, torch.tensor([3, 1])).tolist() == [1, 1]
+    bad = torch.tensor([[0.5, float("nan"), 0.5]])
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        categorical(bad, torch.Generator().manual_seed(0))
 
 
 def _model():
