@@ -270,7 +270,8 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
     if out.dropout is None:
         speed = measured.get(out.hidden)
         epochs = expected_epochs(out, train_chars, budget_s, device_type, speed.chars_per_s if speed else None)
-        out = replace(out, dropout=next(d for limit, d in DROPOUT_BY_EPOCHS if epochs <= limit))
+        params = param_count(out.cell, out.layers, out.hidden, out.embed)
+        out = replace(out, dropout=dropout_for(epochs, params, train_chars))
     return out
 
 
@@ -349,21 +350,29 @@ REFERENCE_CHAR_PARAMS_PER_S = 2.4e10
 # On a GPU the recurrence is bound by kernel latency, not arithmetic: an H100 trained 2x512 and
 # 2x1024 LSTMs at batch 128 at about the same 1.1M chars/s (README: "On a GPU").
 GPU_CHARS_PER_S = 1.0e6
-# (expected passes up to, dropout). The first step, measured on tiny Shakespeare (2x192, batch 32, seq 64;
-# docs/training.md): at equal steps dropout 0.1 lost to none at 4.1 passes (1.5354 against 1.5298) and won at
-# 8.3 (1.4825 against 1.4923; 0.2: 1.4910); 5-minute default runs with it read 5.8 and 6.3 passes and lost
-# (1.4952, 1.4993 against 1.4911 without, 6.2 passes). So it starts past 7. The last step, measured at 30 minutes
-# on an AVX512-BF16 EPYC (2x512 in bf16, 35 passes predicted, 24 read): dropout 0.2 reached 1.4471 and then
-# overfitted, 0.3 reached 1.4302; 2x384 with 0.2 at 42 passes overfitted too (1.4416, then 1.4504). At 5 minutes
-# (15 passes read, 16-25 predicted) 0.1 and 0.2 ended level (1.4521, 1.4506), but at equal steps and seeds
-# (2x256 bf16, 6,500 steps, 13.3 passes read, the cosine to zero) 0.1 beat 0.2 in both seeds, 1.4344 / 1.4523
-# against 1.4538 / 1.4649, and the sizing's best-step timing predicts 19-25 passes for that run (it times
-# 62,000-85,000 chars/s; the run trains at 49,000-53,000). So 0.1 holds to 26 predicted passes, past every
-# 5-minute 2x256 timing seen (19-25.4), and no further: the 30-minute 2x512 run timed 27.4-35 passes, where
-# 0.2 and 0.3 were measured (0.3 past 30: 1.4259 and 1.4302 at 32 and 35; 0.2 1.4471). Passes alone cannot
-# part the two models more finely (a wider model overfits after fewer passes); a rule that also weighs the
-# model's size against the corpus is what is left.
-DROPOUT_BY_EPOCHS = [(7, 0.0), (26, 0.1), (30, 0.2), (float("inf"), 0.3)]
+# (exposure up to, dropout), where a run's exposure is the passes over its training text it is expected to make
+# times sqrt(weights / training characters): a model with more weights per character of its text learns the
+# text's exact windows after fewer passes. Fitted on tiny Shakespeare runs (docs/training.md, "Dropout from the
+# passes and the model's size"; the factor is 0.77 for 2x192, 1.02 for 2x256, 1.54 for 2x384, 2.05 for 2x512):
+# - none against 0.1, 2x192: none won at 4.1 and 6.2 passes (exposure 3.2, 4.8) and in two default runs at
+#   5.8 and 6.3 passes (4.5, 4.9); 0.1 won at 8.3 (6.4). The first step is at 5.5.
+# - 0.1 against 0.2, 2x256: 0.1 won at 13.3 passes (13.6) in both seeds by 0.012-0.019 at equal steps; level at
+#   15 passes (15.4; a 5% floor on the schedule then). The passes are predicted from the sizing's fastest timed
+#   step, which runs ahead of training on a shared VM (the 5-minute default timed 2x256 at 62,000-85,000 chars/s
+#   and trained at 47,000-53,000: 19-26 predicted for 13-16 read), so the step is at 30, past every such timing
+#   (up to 98,000 chars/s): between 15.4 and 30 it is not measured.
+# - 0.2 against 0.3: 2x512 at 23.5-24.9 passes read, 27-35 predicted (56-71): 0.3 reached 1.4259 and 1.4302,
+#   0.2 1.4289 and 1.4471 (then overfitted); 2x384 at 40-42 passes (62-65): 0.2 1.4416 (then up to 1.4504), 0.3
+#   1.4459 still falling; an H100's 2x512 at 90 passes (184): 0.3 1.4278 against 0.5's 1.4388. The step is at
+#   40, so every 2x512 the 30-minute budget buys on tiny Shakespeare (at least 5 characters per weight: 21+
+#   passes, 43+) gets 0.3, where under passes alone a timing of 15,280 chars/s got 0.2.
+DROPOUT_BY_EXPOSURE = [(5.5, 0.0), (30, 0.1), (40, 0.2), (float("inf"), 0.3)]
+
+
+def dropout_for(passes: float, params: int, train_chars: int) -> float:
+    """The dropout for a run expected to read its training text `passes` times with `params` weights."""
+    exposure = passes * math.sqrt(params / max(train_chars, 1))
+    return next(d for limit, d in DROPOUT_BY_EXPOSURE if exposure <= limit)
 GATES = {"lstm": 4, "peephole": 4, "coupled": 3, "mlstm": 4, "gru": 3, "rnn": 1}
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from charrnn import checkpoint as ckm
-from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, param_count, resolve,
-                            width_for)
+from charrnn.config import (CHARS_PER_PARAM, Speed, TrainConfig, candidate_widths, chars_per_param, dropout_for, param_count,
+                            resolve, width_for)
 from charrnn.errors import CharRNNError
 from charrnn.model import CharRNN, ModelConfig
 from charrnn.sizing import Sizer, cache_file
@@ -77,31 +77,40 @@ def _tiny_shakespeare_default(monkeypatch, width: int, chars_per_s: float, budge
 
 
 @pytest.mark.parametrize("passes,dropout", [(4.1, 0.0), (6.5, 0.0), (7.6, 0.1)])
-def test_dropout_starts_past_seven_passes(monkeypatch, passes, dropout):
-    """tiny Shakespeare's 5-minute default on the 2-core CPU: 2x192 at 25,400 chars/s (7.6 passes predicted)
-    gets dropout 0.1, which beat none at 8.3 passes; at 21,700 (6.5) and half the speed (4.1), where none
-    won, it gets none."""
+def test_dropout_starts_past_an_exposure_of_5_5(monkeypatch, passes, dropout):
+    """tiny Shakespeare's 5-minute default on the 2-core CPU: 2x192 at 25,400 chars/s (7.6 passes predicted,
+    exposure 5.8) gets dropout 0.1, which beat none at 8.3 passes; at 21,700 (6.5 passes, 5.0) and half the
+    speed (4.1), where none won, it gets none."""
     cfg = _tiny_shakespeare_default(monkeypatch, 192, passes * 1_003_855 / 300.0, 300.0)
     assert (cfg.hidden, cfg.dropout) == (192, dropout)
 
 
-@pytest.mark.parametrize("chars_per_s,dropout", [(15_280.0, 0.2), (17_774.0, 0.3), (19_419.0, 0.3)])
-def test_dropout_0_3_past_thirty_passes(monkeypatch, chars_per_s, dropout):
-    """tiny Shakespeare's 30-minute default on the AVX512-BF16 EPYC: 2x512 timed at 17,774 and 19,419 chars/s
-    (32 and 35 passes predicted) gets dropout 0.3, which reached 1.4259 and 1.4302 where 0.2 reached 1.4471
-    and overfitted; timed at 15,280 (27.4 passes predicted, past every 5-minute 2x256 timing) it gets 0.2,
-    not the 5-minute run's 0.1."""
+@pytest.mark.parametrize("chars_per_s", [11_900.0, 15_280.0, 15_407.0, 17_774.0, 19_419.0])
+def test_every_thirty_minute_2x512_gets_dropout_0_3(monkeypatch, chars_per_s):
+    """tiny Shakespeare's 30-minute default on the AVX512-BF16 EPYC: 2x512 timed at 15,280-19,419 chars/s
+    (27-35 passes predicted) gets 0.3, which reached 1.4259 and 1.4302 where 0.2 reached 1.4289 and 1.4471;
+    so does the slowest 2x512 the rule still chooses (11,900 chars/s, 5 characters per weight). Under passes
+    alone 15,280 and 15,407 got 0.2."""
     cfg = _tiny_shakespeare_default(monkeypatch, 512, chars_per_s, 1800.0)
-    assert (cfg.hidden, cfg.dropout) == (512, dropout)
+    assert (cfg.hidden, cfg.dropout) == (512, 0.3)
 
 
-@pytest.mark.parametrize("chars_per_s", [62_612.0, 85_089.0])
+@pytest.mark.parametrize("chars_per_s", [47_448.0, 62_612.0, 81_160.0, 85_089.0, 97_000.0])
 def test_five_minute_2x256_keeps_dropout_0_1_however_fast_its_best_step(monkeypatch, chars_per_s):
-    """The 5-minute default on the AVX512-BF16 EPYC: sizing timed 2x256 at 62,612 and 85,089 chars/s (19 and 25
-    passes predicted) for runs that trained at 49,000-53,000 (13-16 passes read), where 0.1 beat 0.2 by
-    0.013-0.019 at equal steps and seeds; both get 0.1."""
+    """The 5-minute default on the AVX512-BF16 EPYC: sizing timed 2x256 at 62,612-85,089 chars/s (19-25 passes
+    predicted) for runs that trained at 47,000-53,000 (13-16 passes read), where 0.1 beat 0.2 by
+    0.012-0.019 at equal steps and seeds; every such timing gets 0.1."""
     cfg = _tiny_shakespeare_default(monkeypatch, 256, chars_per_s, 300.0)
     assert (cfg.hidden, cfg.dropout) == (256, 0.1)
+
+
+def test_at_equal_passes_a_model_with_more_weights_per_character_gets_more_dropout():
+    weights = {h: param_count("lstm", 2, h) for h in (256, 384, 512)}
+    assert [dropout_for(25, weights[h], 1_003_855) for h in (256, 384, 512)] == [0.1, 0.2, 0.3]
+    # the same model on ten times the text reads it a tenth as often and needs none
+    assert dropout_for(2.5, weights[512], 10_038_550) == 0.0
+    # and a pass over text it could not overfit in one reading (a big corpus) never gets any
+    assert dropout_for(0.9, weights[512], 30_000_000) == 0.0
 
 
 def test_widths_from_the_environment(monkeypatch):
