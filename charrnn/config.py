@@ -373,6 +373,8 @@ def dropout_for(passes: float, params: int, train_chars: int) -> float:
     """The dropout for a run expected to read its training text `passes` times with `params` weights."""
     exposure = passes * math.sqrt(params / max(train_chars, 1))
     return next(d for limit, d in DROPOUT_BY_EXPOSURE if exposure <= limit)
+
+
 GATES = {"lstm": 4, "peephole": 4, "coupled": 3, "mlstm": 4, "gru": 3, "rnn": 1}
 
 
