@@ -7,6 +7,7 @@ Results are reported through `callback(section, row)`; nothing is printed in thi
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import random
@@ -18,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -87,9 +88,9 @@ class RawModel(nn.Module):
         return self.head(out), h
 
 
-def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: int = 3,
-                  device: str = "cpu", precision: str | None = None) -> tuple[float, list[float]]:
-    """chars/s of a plain PyTorch TBPTT loop (Adam, clipping) and its RSS after each step.
+def raw_train_steps(data: torch.Tensor, vocab: int, s: Shape, device: str = "cpu",
+                    precision: str | None = None) -> Iterator[float]:
+    """A plain PyTorch TBPTT loop (Adam, clipping), endless: yields the seconds each step took.
 
     `precision` ("fp32", "bf16" or "fp16") is the autocast of its forward pass, the loss in fp32, as
     charrnn's; None: CUDA's mixed precision on CUDA (bf16, or fp16 where bf16 is missing), fp32 elsewhere."""
@@ -103,11 +104,8 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
     n = len(data) // s.batch_size
     streams = data[: n * s.batch_size].view(s.batch_size, n)
     h = None
-    rss = []
-    t0 = None
-    for i in range(steps + warmup):
-        if i == warmup:
-            t0 = time.perf_counter()
+    for i in itertools.count():
+        t0 = time.perf_counter()
         p = (i * s.seq_len) % (n - s.seq_len - 1)
         chunk = streams[:, p : p + s.seq_len + 1].long().to(dev)
         with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
@@ -119,29 +117,75 @@ def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: 
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         loss.item()
-        rss.append(rss_mb())
-    return steps * s.batch_size * s.seq_len / (time.perf_counter() - t0), rss
+        yield time.perf_counter() - t0
+
+
+def raw_train_cps(data: torch.Tensor, vocab: int, s: Shape, steps: int, warmup: int = 3,
+                  device: str = "cpu", precision: str | None = None) -> float:
+    """chars/s of `raw_train_steps` over `steps` steps after `warmup` untimed ones."""
+    loop = raw_train_steps(data, vocab, s, device, precision)
+    for _ in range(warmup):
+        next(loop)
+    return steps * s.batch_size * s.seq_len / sum(next(loop) for _ in range(steps))
 
 
 def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path, device: str = "cpu",
-                      precision: str = "fp32") -> tuple[float, list[float], str]:
+                      precision: str = "fp32", beside: Callable[[str], Callable[[], None]] | None = None,
+                      ) -> tuple[float, list[float], str]:
     """chars/s of charrnn's own training loop (the code `charrnn train` runs) at the same shape, its RSS
-    after each logged step, and the precision it trained in (`precision` is train --precision's)."""
+    after each logged step, and the precision it trained in (`precision` is train --precision's).
+
+    `beside(precision)`, if given, is called once the run knows its precision and returns a function
+    that the run calls after every logged step (every LOG_EVERY steps), outside the time it counts:
+    `interleaved_train_cps` runs the raw loop's steps there."""
     from charrnn.events import TrainEvents
     from charrnn.train import Trainer
 
     rss: list[float] = []
+    between: list[Callable[[], None]] = []
 
     class Memory(TrainEvents):
         def on_step(self, e) -> None:
             rss.append(rss_mb())
+            for f in between:
+                f()
 
     cfg = TrainConfig(cell=s.cell, layers=s.layers, hidden=s.hidden, seq_len=s.seq_len, batch_size=s.batch_size,
                       steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device=device,
                       precision=precision)
     trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=Memory())
+    if beside is not None:
+        between.append(beside(trainer.state.precision))
     summary = trainer.run()
     return summary["chars_per_s"], rss, trainer.state.precision
+
+
+def interleaved_train_cps(corpus: Path, data: torch.Tensor, vocab: int, s: Shape, steps: int, run_dir: Path,
+                          device: str = "cpu", precision: str = "fp32", warmup: int = 3,
+                          ) -> tuple[float, float, list[float], str]:
+    """charrnn's training loop and the raw loop in the same precision, interleaved: after every
+    LOG_EVERY steps of charrnn, as many steps of the raw loop (after `warmup` untimed ones before
+    the first). A slow spell of a shared machine then slows both sides alike, where whole runs one
+    after the other saw ratios from 0.84 to 1.11 in one sitting (docs/speed.md).
+    Returns (charrnn chars/s, raw chars/s, the process's RSS after each logged step from the second on
+    (the first comes before the raw loop's first steps have grown its buffers), the precision)."""
+    from charrnn.train import LOG_EVERY
+
+    raw_times: list[float] = []  # the run logs at its last step, so all `steps` of them are run by its end
+
+    def beside(used: str) -> Callable[[], None]:
+        loop = raw_train_steps(data, vocab, s, device, used)
+        for _ in range(warmup):
+            next(loop)
+
+        def run_some() -> None:
+            for _ in range(min(LOG_EVERY, steps - len(raw_times))):
+                raw_times.append(next(loop))
+        return run_some
+
+    cps, rss, used = charrnn_train_cps(corpus, s, steps, run_dir, device, precision, beside)
+    raw_cps = len(raw_times) * s.batch_size * s.seq_len / sum(raw_times)
+    return cps, raw_cps, rss[1:], used
 
 
 def default_train_precisions(device: str) -> list[str]:
@@ -156,7 +200,8 @@ def default_train_precisions(device: str) -> list[str]:
 
 def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int = 2, device: str = "cpu",
                    precisions: list[str] | None = None) -> list[dict]:
-    """Raw loop and charrnn in each precision, alternated `rounds` times per shape; medians and their ratio.
+    """Raw loop and charrnn in each precision, interleaved within each run (`interleaved_train_cps`)
+    and the precisions alternated `rounds` times per shape; medians and their ratio.
 
     Each precision ("fp32", "bf16" or "auto", as train --precision) gets a "train" row: charrnn against
     a raw loop in the same precision. With fp32 and bf16 both asked, a "precision" row per shape gives
@@ -179,15 +224,15 @@ def bench_training(report: Report, shapes: list[Shape], steps: int, rounds: int 
                     if p in refused:
                         continue
                     try:
-                        cps, rss, used[p] = charrnn_train_cps(corpus, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{p}-{r}",
-                                                              device, p)
+                        cps, raw_cps, rss, used[p] = interleaved_train_cps(
+                            corpus, data, vocab, s, steps, Path(tmp) / f"run-{s.cell}{s.hidden}-{p}-{r}", device, p)
                     except CharRNNError as e:
                         refused[p] = str(e)
                         continue
                     ours[p].append(cps)
+                    raw[p].append(raw_cps)
                     if len(rss) >= 2:
                         growth[p].append(rss[-1] - rss[0])
-                    raw[p].append(raw_train_cps(data, vocab, s, steps, device=device, precision=used[p])[0])
             for p in precisions:
                 if p in refused:
                     continue
@@ -232,7 +277,7 @@ def _bf16_row(report: Report, s: Shape, device: str, raw: dict, ours: dict, refu
                    raw_speedup=raw_bf16 / raw_fp32, refused=None, raw_error=None)
     else:  # what bf16 does here without charrnn's refusal: the raw loop, emulated, or its kernel's error
         try:
-            raw_bf16 = raw_train_cps(data, vocab, s, steps, device=device, precision="bf16")[0]
+            raw_bf16 = raw_train_cps(data, vocab, s, steps, device=device, precision="bf16")
             row.update(raw_bf16_chars_per_s=raw_bf16, raw_speedup=raw_bf16 / raw_fp32, raw_error=None)
         except RuntimeError as e:
             row.update(raw_bf16_chars_per_s=None, raw_speedup=None, raw_error=str(e).splitlines()[0].split(". ")[0][:120])

@@ -108,3 +108,37 @@ def test_benchmark_scripts_run_from_the_benchmarks_folder():
     assert r.returncode == 2 and "unknown --sections 'nothing'" in r.stderr
     r = subprocess.run([sys.executable, str(folder / "raw_vs_charrnn.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--big-mb" in r.stdout
+
+
+def test_the_raw_loop_runs_between_charrnns_logged_steps_in_its_precision(tmp_path, monkeypatch):
+    """interleaved_train_cps: after every logged step of charrnn's run (every LOG_EVERY steps, and the
+    last), the raw loop takes as many steps in the precision the run chose, and exactly `steps` in all."""
+    import torch
+
+    from charrnn import bench
+    from charrnn.data import Vocab
+    from charrnn.train import LOG_EVERY
+
+    corpus = bench.synthetic_corpus(tmp_path)
+    text = corpus.read_text()
+    data = torch.tensor(Vocab.from_text_chars(text).encode(text), dtype=torch.uint8)
+    events: list[str] = []
+    real = bench.raw_train_steps
+
+    def counted(*args):
+        events.append(f"raw loop in {args[4]}")
+        for seconds in real(*args):
+            events.append("raw step")
+            yield seconds
+
+    monkeypatch.setattr(bench, "raw_train_steps", counted)
+    rss_at: list[int] = []
+    real_rss = bench.rss_mb
+    monkeypatch.setattr(bench, "rss_mb", lambda: rss_at.append(events.count("raw step")) or real_rss())
+    steps = LOG_EVERY + 5
+    ours, raw, rss, used = bench.interleaved_train_cps(corpus, data, int(data.max()) + 1, bench.Shape("lstm", 1, 32),
+                                                       steps, tmp_path / "run", precision="fp32", warmup=2)
+    assert used == "fp32" and events[0] == "raw loop in fp32"
+    assert ours > 0 and raw > 0 and len(rss) == 1  # from the second logged step on
+    assert rss_at == [2, 2 + LOG_EVERY]  # at each logged step, before the raw loop's turn: 2 warm-up, then 10
+    assert events.count("raw step") == 2 + steps
