@@ -68,12 +68,16 @@ def test_measured_speed_sizes_the_dropout_too():
     assert slow.dropout == 0.0 and fast.dropout > 0.0
 
 
+def _timed(chars_per_s: dict[int, float]):
+    """A `measure` that returns the given timings of the widths it is asked about (the sizer stops early too)."""
+    return lambda cfg, widths: {h: Speed(chars_per_s[h], param_count("lstm", 2, h)) for h in widths if h in chars_per_s}
+
+
 def _tiny_shakespeare_default(monkeypatch, width: int, chars_per_s: float, budget: float) -> TrainConfig:
     """The defaults resolved for tiny Shakespeare's training text when sizing times `width` at `chars_per_s`
     (and 2x128 far faster): the width chosen and the dropout its predicted passes give."""
     monkeypatch.setenv("CHARRNN_WIDTHS", f"128,{width}")
-    speeds = {128: Speed(1e6, param_count("lstm", 2, 128)), width: Speed(chars_per_s, param_count("lstm", 2, width))}
-    return resolve(TrainConfig(), 1_003_855, budget, measure=lambda cfg, ws: {h: speeds[h] for h in ws})
+    return resolve(TrainConfig(), 1_003_855, budget, measure=_timed({128: 1e6, width: chars_per_s}))
 
 
 @pytest.mark.parametrize("passes,dropout", [(4.1, 0.0), (6.5, 0.0), (7.6, 0.1)])
@@ -102,11 +106,6 @@ def test_five_minute_2x256_keeps_dropout_0_1_however_fast_its_best_step(monkeypa
     0.012-0.019 at equal steps and seeds; every such timing gets 0.1."""
     cfg = _tiny_shakespeare_default(monkeypatch, 256, chars_per_s, 300.0)
     assert (cfg.hidden, cfg.dropout) == (256, 0.1)
-
-
-def _timed(chars_per_s: dict[int, float]):
-    """A `measure` that returns the given timings of the widths it is asked about (the sizer stops early too)."""
-    return lambda cfg, widths: {h: Speed(chars_per_s[h], param_count("lstm", 2, h)) for h in widths if h in chars_per_s}
 
 
 def test_the_five_minute_default_on_a_fast_cpu_is_2x320_and_thirty_minutes_stay_2x512():
