@@ -142,20 +142,22 @@ def charrnn_train_cps(corpus: Path, s: Shape, steps: int, run_dir: Path, device:
     from charrnn.train import Trainer
 
     rss: list[float] = []
-    between: list[Callable[[], None]] = []
 
     class Memory(TrainEvents):
+        after: Callable[[], None] | None = None  # beside's function, once the run has chosen its precision
+
         def on_step(self, e) -> None:
             rss.append(rss_mb())
-            for f in between:
-                f()
+            if self.after is not None:
+                self.after()
 
     cfg = TrainConfig(cell=s.cell, layers=s.layers, hidden=s.hidden, seq_len=s.seq_len, batch_size=s.batch_size,
                       steps=steps, eval_every=10**9, eval_chars=2000, warmup_steps=1, device=device,
                       precision=precision)
-    trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=Memory())
+    memory = Memory()
+    trainer = Trainer.new([corpus], cfg, run_dir=run_dir, callback=memory)
     if beside is not None:
-        between.append(beside(trainer.state.precision))
+        memory.after = beside(trainer.state.precision)
     summary = trainer.run()
     return summary["chars_per_s"], rss, trainer.state.precision
 
