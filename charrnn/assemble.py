@@ -219,7 +219,7 @@ def _assemble(start: Start, folder: RunFolder, device: torch.device, dist: Dist,
 
         with dist.guard():  # DDP starts by sending rank 0's weights to every process
             net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # 0: plain Adam
     rows = dist.shard(cfg.batch_size)
     choice = _precision(start, device, dist, model, rows.stop - rows.start)
     precision = Precision(device, choice.name)

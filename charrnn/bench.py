@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charrnn.config import TrainConfig
+from charrnn.config import WEIGHT_DECAY, TrainConfig
 from charrnn.data import Vocab
 from charrnn.lexicon import Lexicon
 from charrnn.model import CharRNN, ModelConfig
@@ -90,7 +90,7 @@ class RawModel(nn.Module):
 
 def raw_train_steps(data: torch.Tensor, vocab: int, s: Shape, device: str = "cpu",
                     precision: str | None = None) -> Iterator[float]:
-    """A plain PyTorch TBPTT loop (Adam, clipping), endless: yields the seconds each step took.
+    """A plain PyTorch TBPTT loop (AdamW, charrnn's default decay, clipping), endless: yields each step's seconds.
 
     `precision` ("fp32", "bf16" or "fp16") is the autocast of its forward pass, the loss in fp32, as
     charrnn's; None: CUDA's mixed precision on CUDA (bf16, or fp16 where bf16 is missing), fp32 elsewhere."""
@@ -100,7 +100,7 @@ def raw_train_steps(data: torch.Tensor, vocab: int, s: Shape, device: str = "cpu
     dev = torch.device(device)
     amp = autocast_dtype(dev) if precision is None else AUTOCAST_DTYPES[precision]
     m = RawModel(vocab, s).to(dev)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=WEIGHT_DECAY)
     n = len(data) // s.batch_size
     streams = data[: n * s.batch_size].view(s.batch_size, n)
     h = None

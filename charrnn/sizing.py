@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn.config import Speed, TrainConfig, chars_per_param, rule_for, width_for
+from charrnn.config import WEIGHT_DECAY, Speed, TrainConfig, chars_per_param, rule_for, width_for
 from charrnn.device import cpu_has_bf16, machine_key
 from charrnn.model import CharRNN, ModelConfig, Write
 
@@ -74,13 +74,13 @@ def remember(key: str, speed: Speed, precision: str, path: Path | None = None) -
 
 def time_width(cfg: TrainConfig, hidden: int, vocab_size: int) -> tuple[Speed, str]:
     """(speed, precision) of training a `hidden`-wide model of the run's shape: the fastest of a few steps
-    (forward, backward, clipping, Adam), on random ids, in each of the run's precisions; the faster one counts
+    (forward, backward, clipping, AdamW), on random ids, in each of the run's precisions; the faster one counts
     (bf16 only when clearly faster, as precision.choose decides)."""
     from charrnn.precision import BF16_MIN_SPEEDUP
 
     bound = 0 if cfg.sentiment.unit else None
     model = CharRNN(ModelConfig(vocab_size, cfg.cell, cfg.layers, hidden, cfg.embed, 0.0, bound)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=WEIGHT_DECAY)  # the run's optimiser
     idx = torch.randint(vocab_size, (cfg.batch_size, cfg.seq_len + 1))
     state = model.init_state(cfg.batch_size, torch.device("cpu"))
     seconds = {}

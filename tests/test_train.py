@@ -215,3 +215,29 @@ def test_judge_names_what_is_wrong_with_a_step():
     assert judge(100.0, 0.7, 65, overflow_skipped=False).startswith("exploding loss")
     assert judge(1.5, float("inf"), 65, overflow_skipped=False) == "non-finite gradient"
     assert judge(1.5, float("inf"), 65, overflow_skipped=True) is None  # fp16: the scaler skips it itself
+
+
+def test_weight_decay_defaults_and_a_config_from_before_it():
+    """AdamW's decay: 0.1 for a plain run, 0 for a --sentiment-unit run (measured without it), what the user
+    gave otherwise; a run saved before the option existed trained, and so resumes, with plain Adam."""
+    from charrnn.config import WEIGHT_DECAY, SentimentConfig, resolve
+
+    assert WEIGHT_DECAY == 0.1 and resolve(TrainConfig(), 1_000_000, 300).weight_decay == WEIGHT_DECAY
+    assert resolve(TrainConfig(sentiment=SentimentConfig(unit=True)), 1_000_000, 300).weight_decay == 0.0
+    assert resolve(TrainConfig(weight_decay=0.02), 1_000_000, 300).weight_decay == 0.02
+    old = resolve(TrainConfig(), 1_000_000, 300).to_dict()
+    del old["weight_decay"]
+    assert TrainConfig.from_dict(old).weight_decay == 0.0
+
+
+def test_weight_decay_shrinks_the_weights_and_the_checkpoint_keeps_it(corpus, tmp_path):
+    """The same run with and without decay: the decayed weights end smaller, and the optimiser state saved in
+    the checkpoint (what a resume continues with) carries the decay the config asked for."""
+    norms = {}
+    for wd in (0.0, 0.5):
+        _train(corpus, tmp_path / f"wd{wd}", steps=30, weight_decay=wd)
+        ck = ckm.load(ckm.resolve(tmp_path / f"wd{wd}"))
+        assert ck["train"]["config"]["weight_decay"] == wd
+        assert {g["weight_decay"] for g in ck["optimizer"]["param_groups"]} == {wd}
+        norms[wd] = sum(float(w.float().square().sum()) for w in ck["model"].values())
+    assert norms[0.5] < 0.99 * norms[0.0]

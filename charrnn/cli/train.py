@@ -24,6 +24,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32 on a CPU, 128 on CUDA].", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 5e-3 at 256 units, times sqrt(256/hidden)].", show_default=False)] = None,
     grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Global gradient-norm clip, 0 = off \\[default: 1.0].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW's decoupled weight decay (each step shrinks the weights by lr times it), 0 = off \\[default: 0.1; 0 with --sentiment-unit].", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed \\[default: 1337].", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Train for this many steps.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Train for this many passes over the corpus.")] = None,
@@ -78,7 +79,7 @@ def train(
         corpus = expand_corpus_args(corpus)  # patterns a shell passed unexpanded
         given = dict(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
-            grad_clip=grad_clip, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
+            grad_clip=grad_clip, weight_decay=weight_decay, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
             keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
             eval_sample_len=eval_sample_len, precision=precision.value if precision is not None else None,
         )
