@@ -218,11 +218,11 @@ def test_judge_names_what_is_wrong_with_a_step():
 
 
 def test_weight_decay_defaults_and_a_config_from_before_it():
-    """AdamW's decay: 0.1 for a plain run, 0 for a --sentiment-unit run (measured without it), what the user
+    """AdamW's decay: 0.3 for a plain run, 0 for a --sentiment-unit run (measured without it), what the user
     gave otherwise; a run saved before the option existed trained, and so resumes, with plain Adam."""
     from charrnn.config import WEIGHT_DECAY, SentimentConfig, resolve
 
-    assert WEIGHT_DECAY == 0.1 and resolve(TrainConfig(), 1_000_000, 300).weight_decay == WEIGHT_DECAY
+    assert WEIGHT_DECAY == 0.3 and resolve(TrainConfig(), 1_000_000, 300).weight_decay == WEIGHT_DECAY
     assert resolve(TrainConfig(sentiment=SentimentConfig(unit=True)), 1_000_000, 300).weight_decay == 0.0
     assert resolve(TrainConfig(weight_decay=0.02), 1_000_000, 300).weight_decay == 0.02
     old = resolve(TrainConfig(), 1_000_000, 300).to_dict()

@@ -24,7 +24,7 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Parallel streams \\[default: 32 on a CPU, 128 on CUDA].", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate \\[default: 5e-3 at 256 units, times sqrt(256/hidden)].", show_default=False)] = None,
     grad_clip: Annotated[Optional[float], typer.Option(min=0.0, help="Global gradient-norm clip, 0 = off \\[default: 1.0].", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW's decoupled weight decay (each step shrinks the weights by lr times it), 0 = off \\[default: 0.1; 0 with --sentiment-unit].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="AdamW's decoupled weight decay (each step shrinks the weights by lr times it), 0 = off \\[default: 0.3; 0 with --sentiment-unit].", show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed \\[default: 1337].", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Train for this many steps.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Train for this many passes over the corpus.")] = None,
