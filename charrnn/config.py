@@ -21,7 +21,7 @@ DEFAULT_TIME_S = 15 * 60.0  # length of a run given no --steps/--epochs/--time
 BASE_LR = 5e-3
 # AdamW's decoupled weight decay (each step shrinks every weight by lr * WEIGHT_DECAY). On tiny Shakespeare,
 # 2x256 at equal steps (6,500), 0.3 reached 1.4069 / 1.4147 nats/char and 0.1 1.4129 / 1.4145, against plain
-# Adam's 1.4344 / 1.4523; the 30-minute default (2x512) reached 1.3752 with 0.3, 1.4062 with 0.1 and at best
+# Adam's 1.4344 / 1.4523; the 30-minute default (2x512) reached 1.3680 with 0.3, 1.4062 with 0.1 and at best
 # 1.4229 without (docs/training.md: "Weight decay"). A --sentiment-unit run keeps 0: its recipe was measured
 # without it.
 WEIGHT_DECAY = 0.3
