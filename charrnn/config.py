@@ -246,6 +246,14 @@ def time_budget(cfg: TrainConfig) -> float | None:
     return cfg.time_s if cfg.time_s is not None else DEFAULT_TIME_S
 
 
+def weight_decay_for(cfg: TrainConfig) -> float:
+    """The run's AdamW decay: the one given, else WEIGHT_DECAY, or 0 for a --sentiment-unit run (its recipe was
+    measured without decay)."""
+    if cfg.weight_decay is not None:
+        return cfg.weight_decay
+    return 0.0 if cfg.sentiment.unit else WEIGHT_DECAY
+
+
 def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_type: str = "cpu",
             arch: dict | None = None, measure: "Measure | None" = None) -> TrainConfig:
     """Fill the auto fields from the corpus size, the time budget (when the run has one) and the device.
@@ -281,8 +289,7 @@ def resolve(cfg: TrainConfig, train_chars: int, budget_s: float | None, device_t
         out = replace(out, hidden=width_for(speeds, budget_s if budget_s is not None else DEFAULT_TIME_S, train_chars))
     if out.lr is None:
         out = replace(out, lr=round(min(BASE_LR, BASE_LR * math.sqrt(256 / out.hidden)), 6))
-    if out.weight_decay is None:
-        out = replace(out, weight_decay=0.0 if out.sentiment.unit else WEIGHT_DECAY)
+    out = replace(out, weight_decay=weight_decay_for(out))
     if out.dropout is None:
         speed = measured.get(out.hidden)
         epochs = expected_epochs(out, train_chars, budget_s, device_type, speed.chars_per_s if speed else None)

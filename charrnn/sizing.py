@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from charrnn.config import WEIGHT_DECAY, Speed, TrainConfig, chars_per_param, rule_for, width_for
+from charrnn.config import Speed, TrainConfig, chars_per_param, rule_for, weight_decay_for, width_for
 from charrnn.device import cpu_has_bf16, machine_key
 from charrnn.model import CharRNN, ModelConfig, Write
 
@@ -80,7 +80,7 @@ def time_width(cfg: TrainConfig, hidden: int, vocab_size: int) -> tuple[Speed, s
 
     bound = 0 if cfg.sentiment.unit else None
     model = CharRNN(ModelConfig(vocab_size, cfg.cell, cfg.layers, hidden, cfg.embed, 0.0, bound)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=WEIGHT_DECAY)  # the run's optimiser
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=weight_decay_for(cfg))  # the run's decay
     idx = torch.randint(vocab_size, (cfg.batch_size, cfg.seq_len + 1))
     state = model.init_state(cfg.batch_size, torch.device("cpu"))
     seconds = {}

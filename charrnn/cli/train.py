@@ -79,8 +79,8 @@ def train(
         corpus = expand_corpus_args(corpus)  # patterns a shell passed unexpanded
         given = dict(
             layers=layers, hidden=hidden, dropout=dropout, seq_len=seq_len, batch_size=batch_size, lr=lr,
-            grad_clip=grad_clip, weight_decay=weight_decay, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac, eval_every=eval_every,
-            keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
+            grad_clip=grad_clip, weight_decay=weight_decay, seed=seed, steps=steps, epochs=epochs, val_frac=val_frac,
+            eval_every=eval_every, keep=keep, patience=patience, threads=threads, encoding_errors=encoding_errors,
             eval_sample_len=eval_sample_len, precision=precision.value if precision is not None else None,
         )
         cfg = TrainConfig(cell=cell.value, embed=embed, device=device.value,
