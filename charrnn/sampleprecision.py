@@ -10,7 +10,7 @@ shape: the next call pays nothing. Only CPUs with native bf16 are asked; elsewhe
 
 from __future__ import annotations
 
-import copy
+import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,15 +23,28 @@ from charrnn.device import cpu_has_bf16, machine_key
 # sampling runs one copy only, whose weights stay in the CPU's cache, while the rounds alternate two, so each
 # round first brings its copy's weights back. (On an AVX512-BF16 EPYC, 2x512 LSTM, one stream: steady loops
 # of 400 steps took 0.41-0.48 ms in fp32 and 0.38-0.41 in bf16; rounds timed without this, fp32 0.90.)
+# At least WARMUP_STEPS and WARMUP_SECONDS: on a 2-core EPYC 2 steps of one stream left fp32 at 0.28-0.30
+# ms a step against a steady 0.22-0.27, 8 steps (2 ms) did not.
 WARMUP_STEPS = 2
-TIMED_STEPS = 6  # per round; a step of a 2x512 LSTM is well under a millisecond
-ROUNDS = 3  # fp32, bf16, fp32, bf16 ...: a slow spell of a shared machine hits both sides
+WARMUP_SECONDS = 0.002
+# Each round times at least MIN_STEPS steps and goes on until ROUND_SECONDS have passed; each side's time is
+# the median of its ROUNDS. Rounds of 6 steps and the best of 3 (before) were about 1.5 ms of one stream: one
+# slow spell of a shared 2-core EPYC made fp32 read 0.289 ms a step (its steady 0.21-0.23), bf16 was cached
+# for one stream, and `charrnn bench` then sampled at 2,883 chars/s where fp32 gave 3,817. The first call
+# for a shape now spends about 0.1 s (2x512, one stream) to 0.2 s (64 streams) on this; later calls read the cache.
+MIN_STEPS = 8
+ROUND_SECONDS = 0.005
+ROUNDS = 5  # fp32, bf16, fp32, bf16 ...: a slow spell of a shared machine hits both sides
 # Without native bf16 a bf16 copy can still be faster: it halves the weights read at every step, and a
 # one-stream step of a big model is bound by that traffic (measured on an AVX2-only 2-core EPYC, `charrnn
 # bench`: 2x512 LSTM, one stream, raw LSTMCell loop fp32 337 chars/s, bf16 900). For small models the
 # conversions cost more than the traffic saved, so there only models this big are measured at all.
 EMULATED_MIN_PARAMS = 1_000_000
-BF16_MARGIN = 1.1  # bf16 is kept only when at least this much faster: a near-tie is not worth bf16's rounding
+# bf16 is kept only when at least this much faster: a near-tie is not worth bf16's rounding, and its speed
+# varies more. On a 2-core EPYC one stream of a 2x512 LSTM stepped at 0.22 ms in fp32 in every process and at
+# 0.22 or 0.30 ms in bf16 (2 threads), depending on the process, which the measurement of another cannot see;
+# 64 streams stepped 3x faster in bf16, and a model whose fp32 weights outgrow the L3 cache about 3x (README).
+BF16_MARGIN = 1.25
 
 Measured = Callable[[str, dict], None]  # (cache key, what was measured): told when auto had to measure
 
@@ -42,11 +55,15 @@ def cache_file() -> Path:
     return measurement_file("precision")
 
 
+# In every key, so that a choice the earlier timing (rounds of 6 steps, best of 3) cached is timed again.
+TIMING = "timing 2"
+
+
 def cache_key(model, rows: int) -> str:
     """The machine (CPU, torch, threads) and the shape sampled (cell, sizes, streams): what the speeds depend on."""
     c = model.config
     return (f"{c.cell} {c.layers}x{c.hidden} embed {c.embed_dim} vocab {c.vocab_size} rows {rows} | "
-            f"{machine_key()}")
+            f"{machine_key()} | {TIMING}")
 
 
 def cached_choice(key: str, path: Path | None = None) -> str | None:
@@ -65,33 +82,39 @@ def remember(key: str, entry: dict, path: Path | None = None) -> None:
 
 
 @torch.no_grad()
-def _seconds_per_step(model, rows: int, steps: int) -> float:
+def _seconds_per_step(model, rows: int, steps: int, seconds: float = 0.0) -> float:
+    """Seconds per step over at least `steps` steps and at least `seconds` (the state fed back, as sampling does)."""
     device = model.head.weight.device
     state = model.init_state(rows, device)
     idx = torch.zeros(rows, dtype=torch.long, device=device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    done, t0 = 0, time.perf_counter()
+    while done < steps or time.perf_counter() - t0 < seconds:
         logits, state = model.step(idx, state)
         logits.float()  # what the sampler does with them, so bf16 pays its conversion too
-    return (time.perf_counter() - t0) / steps
+        done += 1
+    return (time.perf_counter() - t0) / done
 
 
 def measure(model, rows: int) -> dict:
-    """Seconds per step of `model` (fp32, eval mode) and of a bf16 copy, `rows` streams, alternated; best of ROUNDS."""
-    models = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    """Seconds per step of `model` (fp32, eval mode) and of a bf16 copy, `rows` streams, alternated; each the
+    median of ROUNDS rounds."""
+    from charrnn.sample import with_precision
+
+    models = {"fp32": model, "bf16": with_precision(model, "bf16")}  # the copy sampling then uses, if it wins
     try:
         for m in models.values():
             _seconds_per_step(m, rows, WARMUP_STEPS)
     except RuntimeError:  # a CPU whose kernels refuse bf16 for this cell: fp32, never an error
-        return {"fp32_s_per_step": _seconds_per_step(model, rows, TIMED_STEPS), "bf16_s_per_step": float("inf"),
+        return {"fp32_s_per_step": _seconds_per_step(model, rows, MIN_STEPS), "bf16_s_per_step": float("inf"),
                 "precision": "fp32", "measured_at": time.time()}
-    best = {name: float("inf") for name in models}
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(ROUNDS):
         for name, m in models.items():
-            _seconds_per_step(m, rows, WARMUP_STEPS)  # its weights back in the cache the other copy took over
-            best[name] = min(best[name], _seconds_per_step(m, rows, TIMED_STEPS))
-    return {"fp32_s_per_step": best["fp32"], "bf16_s_per_step": best["bf16"],
-            "precision": "bf16" if best["bf16"] * BF16_MARGIN <= best["fp32"] else "fp32", "measured_at": time.time()}
+            _seconds_per_step(m, rows, WARMUP_STEPS, WARMUP_SECONDS)  # its weights back in the cache the other took
+            times[name].append(_seconds_per_step(m, rows, MIN_STEPS, ROUND_SECONDS))
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    return {"fp32_s_per_step": fp32, "bf16_s_per_step": bf16,
+            "precision": "bf16" if bf16 * BF16_MARGIN <= fp32 else "fp32", "measured_at": time.time()}
 
 
 def auto_precision(model, rows: int, native_bf16: bool | None = None, on_measure: Measured | None = None) -> str:
