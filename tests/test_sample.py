@@ -203,6 +203,25 @@ def test_bf16_sampling_is_seeded_and_leaves_the_model_fp32():
     assert g32[0][:6] == g16[0][:6]
 
 
+def test_the_bf16_copy_is_made_once_and_again_when_a_weight_changes():
+    from charrnn.sample import with_precision
+
+    m, v = _model()
+    first = with_precision(m, "bf16")
+    assert first is not m and first.head.weight.dtype == torch.bfloat16
+    assert with_precision(m, "bf16") is first and with_precision(m, "fp32") is m  # kept, not converted again
+    before = generate(m, v, SampleConfig(temperature=0, length=20, prime="ab", precision="bf16"))
+    with torch.no_grad():
+        m.head.bias.add_(torch.arange(m.head.bias.numel(), dtype=torch.float32) * 5.0)  # as an optimiser step would
+    second = with_precision(m, "bf16")
+    assert second is not first and torch.equal(second.head.bias, m.head.bias.to(torch.bfloat16))
+    after = generate(m, v, SampleConfig(temperature=0, length=20, prime="ab", precision="bf16"))
+    assert after != before  # the changed weights sample: the last character's bias now outweighs the rest
+    assert after[0][2:] == v.chars[-1] * 20
+    m.load_state_dict(_model()[0].state_dict())  # the checkpoint's weights again, as a reload would put back
+    assert generate(m, v, SampleConfig(temperature=0, length=20, prime="ab", precision="bf16")) == before
+
+
 # ---------------------------------------------------------------- stop strings
 
 
