@@ -1,9 +1,11 @@
 """The model contract: shapes, state handling, and step() agreeing with forward()."""
 
+import copy
+
 import pytest
 import torch
 
-from charrnn.model import CELLS, CharRNN, ModelConfig
+from charrnn.model import CELLS, CharRNN, ModelConfig, _packed_linear
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -73,6 +75,8 @@ def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_w
                 step_logits, st = m.step(idx[:, t], st)
                 torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
         assert "_folded" in m.__dict__  # the folded path ran
+        # an LSTM's or RNN's step runs on weights laid out for oneDNN's linear where this PyTorch has it
+        assert ("_packed" in m.__dict__) == (cell != "gru" and _packed_linear(torch.float32) is not None)
         _, loss, _ = m.train()(idx, idx)
         opt.zero_grad()
         loss.backward()
@@ -90,3 +94,30 @@ def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_w
     with torch.no_grad():
         wide.step(torch.tensor([1]), wide.init_state(1))
     assert "_folded" not in wide.__dict__  # a vocabulary wider than the embedding: nothing to gain
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_sampling_step_with_a_hook_gives_the_forward_pass_numbers_in_fp32_and_bf16(cell, dtype):
+    """The step that samples (oneDNN's linear on laid-out weights where PyTorch has it, addmm elsewhere)
+    against the forward pass, one unit of each layer fixed by a hook, over 3 layers: the same numbers in
+    fp32; in bf16 the same up to bf16's rounding."""
+    torch.manual_seed(0)
+    m = CharRNN(ModelConfig(vocab_size=9, cell=cell, layers=3, hidden=32, embed=16)).eval()
+
+    def hook(layer, t, state):
+        fixed = [s.clone() for s in state]
+        fixed[-1][:, layer] = 3.0 if cell == "lstm" else 0.9  # C for the LSTM, h for the RNN
+        return tuple(fixed)
+
+    idx = torch.randint(9, (4, 7))
+    with torch.no_grad():
+        want, _, _ = m(idx, hook=hook)
+        low = copy.deepcopy(m).to(dtype)
+        st = low.init_state(4)
+        for t in range(7):
+            got, st = low.step(idx[:, t], st, hook)
+            assert got.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 0.05
+            torch.testing.assert_close(got.float(), want[:, t], atol=tol, rtol=tol)
+    assert ("_packed" in low.__dict__) == (_packed_linear(dtype) is not None)
