@@ -426,6 +426,15 @@ class CharRNN(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
+    # What sampling keeps on the model between calls, each rebuilt when a weight changes: layer 0's folded
+    # table, the weights laid out for oneDNN's linear (opaque tensors, which cannot be copied), and
+    # sample.with_precision's bf16 copy. A copy of the model starts without them.
+    SAMPLING_CACHES = ("_folded", "_packed", "_precision_copy")
+
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy (and pickle) take of the model: all but SAMPLING_CACHES."""
+        return {k: v for k, v in self.__dict__.items() if k not in self.SAMPLING_CACHES}
+
     @property
     def n_state(self) -> int:
         return 2 if HAS_CELL_STATE[self.config.cell] else 1

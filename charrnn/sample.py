@@ -117,15 +117,9 @@ def with_precision(model: CharRNN, precision: str) -> CharRNN:
     key = (dtype,) + tuple((p.data_ptr(), p._version) for p in model.parameters())
     kept = model.__dict__.get("_precision_copy")
     if kept is None or kept[0] != key:
-        kept = (key, copy.deepcopy(_without_copy(model)).to(dtype))
+        kept = (key, copy.deepcopy(model).to(dtype))  # the copy starts without the model's own caches
         model.__dict__["_precision_copy"] = kept
     return kept[1]
-
-
-def _without_copy(model: CharRNN) -> CharRNN:
-    """The model with no kept copy in its __dict__, so deepcopy does not copy the old copy too."""
-    model.__dict__.pop("_precision_copy", None)
-    return model
 
 
 # ---------------------------------------------------------------- filters (logits -> logits)

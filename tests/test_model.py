@@ -121,3 +121,22 @@ def test_a_sampling_step_with_a_hook_gives_the_forward_pass_numbers_in_fp32_and_
             tol = 1e-5 if dtype == torch.float32 else 0.05
             torch.testing.assert_close(got.float(), want[:, t], atol=tol, rtol=tol)
     assert ("_packed" in low.__dict__) == (_packed_linear(dtype) is not None)
+
+
+def test_a_copy_of_a_model_that_sampled_leaves_its_sampling_caches_behind():
+    """Sampling keeps a folded table, weights laid out for oneDNN (opaque tensors, which cannot be copied)
+    and a bf16 copy on the model; copy.deepcopy of it works, gives the same numbers, and starts without them."""
+    from charrnn.sample import with_precision
+
+    torch.manual_seed(0)
+    m = CharRNN(ModelConfig(vocab_size=9, cell="lstm", layers=2, hidden=16, embed=12)).eval()
+    idx = torch.randint(9, (3,))
+    with torch.no_grad():
+        want, _ = m.step(idx, m.init_state(3))
+        with_precision(m, "bf16")
+        assert {"_folded", "_precision_copy"} <= set(m.__dict__)
+        twin = copy.deepcopy(m)
+        assert not set(CharRNN.SAMPLING_CACHES) & set(twin.__dict__)
+        got, _ = twin.step(idx, twin.init_state(3))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert twin.rnn.weight_hh_l0.data_ptr() != m.rnn.weight_hh_l0.data_ptr()  # a copy, not a view
