@@ -701,8 +701,10 @@ class CharRNN(nn.Module):
     def step(self, idx: torch.Tensor, state: State, hook: Hook | None = None) -> tuple[torch.Tensor, State]:
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
 
-        Fused cells use the single-step kernels directly; on CPU a one-step call of the fused
-        nn.LSTM re-lays its weights every time and is several times slower. `hook(layer, 0, state)`,
+        Fused cells step layer by layer, not through nn.LSTM/GRU/RNN: on CPU a one-step call of the fused
+        module re-lays its weights every time and is several times slower. Without autograd, the LSTM and
+        RNN step through oneDNN's linear on weights laid out once where PyTorch has it (`_packed_weights`),
+        else through one addmm per layer, layer 0 from the folded table; the GRU through torch.gru_cell. `hook(layer, 0, state)`,
         if given, edits each layer's new state before the layer above (and the head) reads it.
         """
         c = self.config
@@ -754,10 +756,10 @@ class CharRNN(nn.Module):
         new_state = (torch.stack(hs),) + ((torch.stack(cs),) if cs else ())
         return self.head(x), new_state
 
-    def _packed_weights(self) -> list | None:
+    def _packed_weights(self) -> tuple[list, Callable] | None:
         """For sampling a fused LSTM or RNN on a CPU through oneDNN's linear (`_packed_linear`): the weights
         laid out ahead for it: layer 0's W_hh, each upper layer's [W_ih W_hh] side by side (one product of
-        [x h]), the head's. None where that linear is missing. Kept until any weight changes, whatever the
+        [x h]), the head's; and the linear. None where that linear is missing. Kept until any weight changes, whatever the
         number of streams (the server's batch changes size from step to step): laid out for PACK_ROWS.
 
         On a 2-core AVX512-BF16 EPYC, 2x512 LSTM, against the addmm path below it (a step, median of 7):
