@@ -376,6 +376,17 @@ def _activate(gates: torch.Tensor, cell: str, c: torch.Tensor | None) -> tuple[t
     return torch.sigmoid(o).mul_(torch.tanh(c)), c  # h_t = o_t tanh(C_t)
 
 
+def _gru_update(xp: torch.Tensor, hp: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A GRU layer's new h from its input and recurrent products, each with its bias (B, 3H; both overwritten):
+    the same maths as torch.gru_cell and FusedLayer.step."""
+    x_r, x_z, x_n = xp.chunk(3, 1)
+    h_r, h_z, h_n = hp.chunk(3, 1)
+    r = torch.sigmoid(x_r.add_(h_r))  # reset gate
+    z = torch.sigmoid(x_z.add_(h_z))  # update gate
+    n = torch.tanh(x_n.addcmul_(r, h_n))  # candidate
+    return n.add_(z.mul_(h - n))  # h_t = (1 - z_t) n_t + z_t h_{t-1}
+
+
 def _hooked(hook: Hook, layer: int, h: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A sampling step's layer state after `hook(layer, 0, state)`: (h, C), C None for cells without one."""
     fixed = hook(layer, 0, (h, c) if c is not None else (h,))
@@ -702,19 +713,23 @@ class CharRNN(nn.Module):
         """One character per sequence: idx (B,) -> logits (B, V), new state. Eval-mode math.
 
         Fused cells step layer by layer, not through nn.LSTM/GRU/RNN: on CPU a one-step call of the fused
-        module re-lays its weights every time and is several times slower. Without autograd, the LSTM and
-        RNN step through oneDNN's linear on weights laid out once where PyTorch has it (`_packed_weights`),
-        else through one addmm per layer, layer 0 from the folded table; the GRU through torch.gru_cell. `hook(layer, 0, state)`,
-        if given, edits each layer's new state before the layer above (and the head) reads it.
+        module re-lays its weights every time and is several times slower. Without autograd they step
+        through oneDNN's linear on weights laid out once where PyTorch has it (`_packed_weights`), else the
+        LSTM and RNN through one addmm per layer (layer 0 from the folded table) and the GRU through
+        torch.gru_cell. `hook(layer, 0, state)`, if given, edits each layer's new state before the layer
+        above (and the head) reads it.
         """
         c = self.config
         folded = self._folded_input() if self.fused else None
+        if c.bound_unit is not None:  # held at 0 before the hook, which may write it
+            hook = self._pinned(hook, None)
+        packed = self._packed_weights() if folded is not None else None
+        if packed is not None:
+            return self._packed_step(idx, state, hook, folded, packed)
         if folded is None:
             x = self.embedding(idx)  # (B, E)
         else:  # the GRU's one-hot rows (B, V); the LSTM and RNN gather layer 0's rows below instead
             x = folded[1][idx] if folded[1] is not None else None
-        if c.bound_unit is not None:  # held at 0 before the hook, which may write it
-            hook = self._pinned(hook, None)
         if not self.fused:
             finals = []
             for layer, cell in enumerate(self.cells):
@@ -723,9 +738,6 @@ class CharRNN(nn.Module):
                     finals[-1] = hook(layer, 0, finals[-1])
                 x = finals[-1][0]
             return self.head(x), tuple(torch.stack(parts) for parts in zip(*finals))
-        packed = self._packed_weights() if folded is not None and c.cell != "gru" else None
-        if packed is not None:
-            return self._packed_step(idx, state, hook, folded, packed)
         hs, cs = [], []
         weights = self.rnn._flat_weights  # w_ih, w_hh, b_ih, b_hh per layer, kept current by nn.RNNBase
         for layer in range(c.layers):
@@ -757,14 +769,18 @@ class CharRNN(nn.Module):
         return self.head(x), new_state
 
     def _packed_weights(self) -> tuple[list, Callable] | None:
-        """For sampling a fused LSTM or RNN on a CPU through oneDNN's linear (`_packed_linear`): the weights
-        laid out ahead for it: layer 0's W_hh, each upper layer's [W_ih W_hh] side by side (one product of
-        [x h]), the head's; and the linear. None where that linear is missing. Kept until any weight changes, whatever the
-        number of streams (the server's batch changes size from step to step): laid out for PACK_ROWS.
+        """For sampling a fused cell on a CPU through oneDNN's linear (`_packed_linear`): per layer, its
+        weights laid out ahead for it, then the head's; and the linear. Layer 0: (W_hh,) (its input is
+        the folded table's row). An upper LSTM or RNN layer: ([W_ih W_hh],), side by side, so that one
+        product of [x h] with the summed bias replaces two. An upper GRU layer: (W_ih, W_hh), apart,
+        since its candidate reads r_t * (W_hn h + b_hn). None where that linear is missing. Kept until
+        any weight changes, whatever the number of streams (the server's batch changes size from step
+        to step): laid out for PACK_ROWS.
 
-        On a 2-core AVX512-BF16 EPYC, 2x512 LSTM, against the addmm path below it (a step, median of 7):
+        On a 2-core AVX512-BF16 EPYC, 2x512, against the paths below it (a step, median of 7): the LSTM's
         one stream fp32 0.230 -> 0.167 ms, bf16 0.221 -> 0.122; 64 streams bf16 0.80 -> 0.70, fp32
-        3.44 -> 1.44. The same logits to 1e-5 in fp32. Laying the weights out takes a few ms, once."""
+        3.44 -> 1.44; the GRU's one stream fp32 0.215 -> 0.197, bf16 0.235 -> 0.139; 64 streams bf16
+        0.832 -> 0.679, fp32 2.44 -> 1.10. The same logits to 1e-5 in fp32. Laying out takes a few ms."""
         w = self.head.weight
         ops = _packed_linear(w.dtype) if w.device.type == "cpu" else None
         if ops is None:
@@ -773,26 +789,34 @@ class CharRNN(nn.Module):
         key = (w.data_ptr(), w._version) + tuple((t.data_ptr(), t._version) for t in flat)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
-            pack = ops[0]
-            upper = [pack(torch.cat([flat[4 * layer], flat[4 * layer + 1]], 1), PACK_ROWS)
-                     for layer in range(1, self.config.layers)]
-            cached = (key, [pack(flat[1], PACK_ROWS)] + upper + [pack(w, PACK_ROWS)], ops[1])
+            pack = lambda t: ops[0](t, PACK_ROWS)  # noqa: E731
+            layers = [(pack(flat[1]),)]
+            for layer in range(1, self.config.layers):
+                w_ih, w_hh = flat[4 * layer], flat[4 * layer + 1]
+                layers.append((pack(w_ih), pack(w_hh)) if self.config.cell == "gru"
+                              else (pack(torch.cat([w_ih, w_hh], 1)),))
+            cached = (key, layers + [pack(w)], ops[1])
             self.__dict__["_packed"] = cached
         return cached[1:]
 
     def _packed_step(self, idx: torch.Tensor, state: State, hook: Hook | None, folded: tuple,
                      packed: tuple) -> tuple[torch.Tensor, State]:
-        """`step` of a fused LSTM or RNN through the weights `_packed_weights` laid out, and its linear."""
+        """`step` of a fused cell through the weights `_packed_weights` laid out, and its linear."""
         (weights, linear), (table, _, biases) = packed, folded
-        lstm = self.config.cell == "lstm"
+        cell_name = self.config.cell
+        lstm = cell_name == "lstm"
         hs, cs, x = [], [], None
         for layer in range(self.config.layers):
-            h = state[0][layer]
-            if layer == 0:  # the character's row of the folded table, plus the recurrent product
-                gates = table.index_select(0, idx).add_(linear(h, weights[0], None))
-            else:  # [x h] through [W_ih W_hh], with the layer's summed bias
-                gates = linear(torch.cat([x, h], 1), weights[layer], biases[layer][0])
-            h, cell = _activate(gates, self.config.cell, state[1][layer] if lstm else None)
+            h, w, (b_in, b_rec) = state[0][layer], weights[layer], biases[layer]
+            if cell_name == "gru":  # input and recurrent products apart: r_t reaches into the second
+                xp = table.index_select(0, idx) if layer == 0 else linear(x, w[0], b_in)
+                h, cell = _gru_update(xp, linear(h, w[-1], b_rec), h), None
+            else:
+                if layer == 0:  # the character's row of the folded table, plus the recurrent product
+                    gates = table.index_select(0, idx).add_(linear(h, w[0], None))
+                else:  # [x h] through [W_ih W_hh], with the layer's summed bias
+                    gates = linear(torch.cat([x, h], 1), w[0], b_in)
+                h, cell = _activate(gates, cell_name, state[1][layer] if lstm else None)
             if hook is not None:
                 h, cell = _hooked(hook, layer, h, cell)
             hs.append(h)

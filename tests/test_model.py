@@ -75,8 +75,8 @@ def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_w
                 step_logits, st = m.step(idx[:, t], st)
                 torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
         assert "_folded" in m.__dict__  # the folded path ran
-        # an LSTM's or RNN's step runs on weights laid out for oneDNN's linear where this PyTorch has it
-        assert ("_packed" in m.__dict__) == (cell != "gru" and _packed_linear(torch.float32) is not None)
+        # the step runs on weights laid out for oneDNN's linear where this PyTorch has it
+        assert ("_packed" in m.__dict__) == (_packed_linear(torch.float32) is not None)
         _, loss, _ = m.train()(idx, idx)
         opt.zero_grad()
         loss.backward()
@@ -96,7 +96,7 @@ def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_w
     assert "_folded" not in wide.__dict__  # a vocabulary wider than the embedding: nothing to gain
 
 
-@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_sampling_step_with_a_hook_gives_the_forward_pass_numbers_in_fp32_and_bf16(cell, dtype):
     """The step that samples (oneDNN's linear on laid-out weights where PyTorch has it, addmm elsewhere)
@@ -107,7 +107,7 @@ def test_a_sampling_step_with_a_hook_gives_the_forward_pass_numbers_in_fp32_and_
 
     def hook(layer, t, state):
         fixed = [s.clone() for s in state]
-        fixed[-1][:, layer] = 3.0 if cell == "lstm" else 0.9  # C for the LSTM, h for the RNN
+        fixed[-1][:, layer] = 3.0 if cell == "lstm" else 0.9  # C for the LSTM, h for the GRU and RNN
         return tuple(fixed)
 
     idx = torch.randint(9, (4, 7))
