@@ -67,7 +67,7 @@ class Model:
 
     def generate(self, prime: str = "", num: int = 1, length: int = 500, temperature: float = 0.8, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Stop = None, stop_keep: bool = False,
-                 sentiment: str | None = None, words: str = "known") -> list[str]:
+                 sentiment: str | None = None, words: str = "known", precision: str = "auto") -> list[str]:
         """`num` samples, each the prime followed by up to `length` generated characters.
 
         temperature 0 is greedy; `top_k` > 0 and `top_p` < 1 filter the draws; the same `seed` gives
@@ -75,16 +75,20 @@ class Model:
         generated text, the match cut off (or kept, with `stop_keep`), and generation ends as soon as
         every sample has. `sentiment` ('positive' or 'negative') fixes the model's sentiment unit,
         as `charrnn sample --sentiment` does. `words` 'known' spells only words of the model's corpus
-        (when its checkpoint has their list, `lexicon`), 'any' lets the model spell freely.
+        (when its checkpoint has their list, `lexicon`), 'any' lets the model spell freely. `precision`
+        'auto' samples in fp32 or bf16, whichever this machine measured faster for the model and `num`
+        (as `charrnn sample --precision auto`); 'fp32' or 'bf16' fixes it, and with it the texts a
+        seed gives (the server samples in fp32).
         """
         from charrnn.sample import generate
 
-        cfg, hook = self._sampling(prime, num, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment, words)
+        cfg, hook = self._sampling(prime, num, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment, words,
+                                   precision)
         return generate(self.module, self._vocab, cfg, hook=hook, lexicon=self.lexicon)
 
     def stream(self, prime: str = "", length: int = 500, temperature: float = 0.8, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Stop = None, stop_keep: bool = False,
-               sentiment: str | None = None, words: str = "known") -> Iterator[str]:
+               sentiment: str | None = None, words: str = "known", precision: str = "auto") -> Iterator[str]:
         """One sample's generated text as it comes, in pieces (the prime is not repeated).
 
         A piece is one character, except that characters which might begin a stop string are held
@@ -94,7 +98,8 @@ class Model:
         """
         from charrnn.sample import stream_chars
 
-        cfg, hook = self._sampling(prime, 1, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment, words)
+        cfg, hook = self._sampling(prime, 1, length, temperature, top_k, top_p, seed, stop, stop_keep, sentiment, words,
+                                   precision)
 
         def pieces() -> Iterator[str]:
             for chars in stream_chars(self.module, self._vocab, cfg, hook=hook, lexicon=self.lexicon):
@@ -104,7 +109,8 @@ class Model:
         return pieces()
 
     def _sampling(self, prime: str, num: int, length: int, temperature: float, top_k: int, top_p: float,
-                  seed: int | None, stop: Stop, stop_keep: bool, sentiment: str | None, words: str):
+                  seed: int | None, stop: Stop, stop_keep: bool, sentiment: str | None, words: str,
+                  precision: str = "auto"):
         """(SampleConfig, steering hook or None) for the arguments of generate/stream, checked."""
         from charrnn.neuron.steer import steering_hook
         from charrnn.sample import SampleConfig, default_guidance, validate
@@ -113,7 +119,7 @@ class Model:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         guidance = default_guidance(self.module, self.checkpoint, sentiment)
         cfg = SampleConfig(temperature=temperature, top_k=top_k, top_p=top_p, length=length, prime=prime, seed=seed,
-                           num=num, guidance=guidance, stop=stops, stop_keep=stop_keep, words=words)
+                           num=num, guidance=guidance, stop=stops, stop_keep=stop_keep, words=words, precision=precision)
         validate(cfg)
         hook, _ = steering_hook(self.module, self.checkpoint, sentiment, guided_rows=num if guidance > 0 else 0)
         return cfg, hook

@@ -117,6 +117,12 @@ def test_generate_is_what_sample_prints(tiny_run):
     assert len(many) == 3 and all(len(t) == 41 and t.startswith("A") for t in many)
     assert m.generate(length=20, seed=1)[0] != m.generate(length=20, seed=2)[0]
     assert len(m.generate(length=20)[0]) == 20  # no prime: the text is only what was generated
+    for precision in ("fp32", "bf16"):  # a fixed precision: the same text as `sample --precision`
+        fixed = m.generate("The", length=60, seed=3, precision=precision)
+        r = run_cli("sample", tiny_run, "--prime", "The", "--length", "60", "--seed", "3", "--temp", "0.8",
+                    "--precision", precision)
+        assert r.exit_code == 0 and [r.stdout.removesuffix("\n")] == fixed
+        assert "The" + "".join(m.stream("The", length=60, seed=3, precision=precision)) == fixed[0]
 
 
 def test_stop_strings_in_generate(tiny_run):
@@ -146,6 +152,7 @@ def test_stream_yields_the_sample_as_it_comes(tiny_run):
 @pytest.mark.parametrize("call,error,fragment", [
     (lambda m: m.generate(temperature=-1), UsageError, "--temp"),
     (lambda m: m.generate(num=0), UsageError, "--num"),
+    (lambda m: m.generate(precision="fp16"), UsageError, "--precision"),
     (lambda m: m.generate(stop=["\n", ""]), UsageError, "--stop"),
     (lambda m: m.generate(prime="The €"), DataError, "'€'"),
     (lambda m: m.generate(sentiment="positive"), CheckpointError, "no sentiment unit"),

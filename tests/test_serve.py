@@ -118,7 +118,8 @@ def test_sse_stop_strings_num_and_steering(served):
     assert events[-1] == {"done": True, "finish_reasons": ["stop", "stop"]}
     texts = ["".join(e["text"] for e in events[:-1] if e["index"] == i) for i in (0, 1)]
     assert all(t and "\n" not in t for t in texts)
-    want = charrnn.load(served_models_path(served, "steered")).generate("The", length=80, seed=1, sentiment="positive")
+    want = charrnn.load(served_models_path(served, "steered")).generate("The", length=80, seed=1, sentiment="positive",
+                                                                        precision="fp32")  # as the server samples
     got = post(served, "/api/generate", {"model": "steered", "prime": "The", "length": 80, "seed": 1,
                                          "sentiment": "positive", "stream": False}).json()["texts"]
     assert got == want
@@ -202,7 +203,8 @@ def test_concurrent_streams_share_one_step_and_a_client_that_leaves_frees_its_sl
 def test_the_official_openai_client_completes_and_streams(served):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=served.url + "/v1", api_key="not-needed")
-    ref = charrnn.load(served_models_path(served, "run")).generate("The", length=40, seed=5, temperature=1.0)[0]
+    ref = charrnn.load(served_models_path(served, "run")).generate("The", length=40, seed=5, temperature=1.0,
+                                                                   precision="fp32")[0]  # the server's precision
     c = client.completions.create(model="run", prompt="The", max_tokens=40, seed=5)
     assert c.choices[0].text == ref[len("The"):] and c.choices[0].finish_reason == "length"
     assert c.usage.completion_tokens == 40 and c.usage.prompt_tokens == 3
