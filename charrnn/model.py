@@ -393,6 +393,13 @@ def _hooked(hook: Hook, layer: int, h: torch.Tensor, c: torch.Tensor | None) -> 
     return fixed[0], (fixed[1] if c is not None else None)
 
 
+def weights_key(tensors) -> tuple:
+    """What identifies the values of these tensors while they live: each one's storage and version counter
+    (bumped by every in-place change: an optimiser step, load_state_dict). Sampling's caches are kept
+    under it and made again when it changes."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 # The number of rows oneDNN lays a sampling step's weights out for. In bf16 it made no difference; in fp32 a
 # layout for 1 row took 0.79 ms for 64 rows of a (64, 1024) x (1024, 2048) product where one for 8 or 64 took
 # 0.57-0.58, and those took 0.058 ms for 1 row, as the layout for 1 did (2-core EPYC).
@@ -682,17 +689,18 @@ class CharRNN(nn.Module):
         folded, and for the LSTM and RNN above layer 0 the two summed into one. Each bias the kernel
         adds is a copy of a (B, G) block before its matmul: four per step of a 2-layer LSTM were 13% of
         `--num 64`'s time (docs/speed.md), one is left. Kept until any weight changes (their version
-        counters); None under autograd, for inference tensors, or where the vocabulary is not narrower
-        than the embedding."""
+        counters, the head's included, so that `_packed_weights` shares the key); None under autograd, for
+        inference tensors, or where the vocabulary is not narrower than the embedding."""
         emb, flat = self.embedding.weight, self.rnn._flat_weights
         w_ih = flat[0]
         if torch.is_grad_enabled() or emb.shape[0] >= emb.shape[1] or emb.is_inference() or w_ih.is_inference():
             return None
-        key = (emb.data_ptr(), emb._version, w_ih.dtype) + tuple((w.data_ptr(), w._version) for w in flat)
+        key = (w_ih.dtype,) + weights_key([emb, self.head.weight, *flat])
         cached = self.__dict__.get("_folded")
         if cached is None or cached[0] != key:
             cached = (key,) + self._fold(emb, flat)
             self.__dict__["_folded"] = cached
+            self.__dict__.pop("_packed", None)  # laid out from the old weights
         return cached[1], cached[2], cached[3]
 
     def _fold(self, emb: torch.Tensor, flat: list) -> tuple[torch.Tensor, torch.Tensor | None, list]:
@@ -775,29 +783,30 @@ class CharRNN(nn.Module):
         product of [x h] with the summed bias replaces two. An upper GRU layer: (W_ih, W_hh), apart,
         since its candidate reads r_t * (W_hn h + b_hn). None where that linear is missing. Kept until
         any weight changes, whatever the number of streams (the server's batch changes size from step
-        to step): laid out for PACK_ROWS.
+        to step): laid out for PACK_ROWS. Called after `_folded_input`, which drops it when a weight changes.
 
         On a 2-core AVX512-BF16 EPYC, 2x512, against the paths below it (a step, median of 7): the LSTM's
         one stream fp32 0.230 -> 0.167 ms, bf16 0.221 -> 0.122; 64 streams bf16 0.80 -> 0.70, fp32
         3.44 -> 1.44; the GRU's one stream fp32 0.215 -> 0.197, bf16 0.235 -> 0.139; 64 streams bf16
         0.832 -> 0.679, fp32 2.44 -> 1.10. The same logits to 1e-5 in fp32. Laying out takes a few ms."""
+        if "_packed" not in self.__dict__:
+            self.__dict__["_packed"] = self._lay_out()
+        return self.__dict__["_packed"]
+
+    def _lay_out(self) -> tuple[list, Callable] | None:
+        """What `_packed_weights` keeps, made from the weights as they are now (None without the linear)."""
         w = self.head.weight
         ops = _packed_linear(w.dtype) if w.device.type == "cpu" else None
         if ops is None:
             return None
         flat = self.rnn._flat_weights
-        key = (w.data_ptr(), w._version) + tuple((t.data_ptr(), t._version) for t in flat)
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            pack = lambda t: ops[0](t, PACK_ROWS)  # noqa: E731
-            layers = [(pack(flat[1]),)]
-            for layer in range(1, self.config.layers):
-                w_ih, w_hh = flat[4 * layer], flat[4 * layer + 1]
-                layers.append((pack(w_ih), pack(w_hh)) if self.config.cell == "gru"
-                              else (pack(torch.cat([w_ih, w_hh], 1)),))
-            cached = (key, layers + [pack(w)], ops[1])
-            self.__dict__["_packed"] = cached
-        return cached[1:]
+        pack = lambda t: ops[0](t, PACK_ROWS)  # noqa: E731
+        layers = [(pack(flat[1]),)]
+        for layer in range(1, self.config.layers):
+            w_ih, w_hh = flat[4 * layer], flat[4 * layer + 1]
+            layers.append((pack(w_ih), pack(w_hh)) if self.config.cell == "gru"
+                          else (pack(torch.cat([w_ih, w_hh], 1)),))
+        return layers + [pack(w)], ops[1]
 
     def _packed_step(self, idx: torch.Tensor, state: State, hook: Hook | None, folded: tuple,
                      packed: tuple) -> tuple[torch.Tensor, State]:

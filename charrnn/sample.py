@@ -14,7 +14,7 @@ from charrnn.data import Vocab
 from charrnn.device import cpu_has_bf16  # noqa: F401 (one detection for training and sampling; re-exported)
 from charrnn.errors import CheckpointError, UsageError
 from charrnn.lexicon import Lexicon, Speller
-from charrnn.model import CharRNN
+from charrnn.model import CharRNN, weights_key
 from charrnn.stops import StopStrings, check_stops
 
 
@@ -114,7 +114,7 @@ def with_precision(model: CharRNN, precision: str) -> CharRNN:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     if model.head.weight.dtype == dtype:
         return model
-    key = (dtype,) + tuple((p.data_ptr(), p._version) for p in model.parameters())
+    key = (dtype,) + weights_key(model.parameters())
     kept = model.__dict__.get("_precision_copy")
     if kept is None or kept[0] != key:
         kept = (key, copy.deepcopy(model).to(dtype))  # the copy starts without the model's own caches

@@ -76,7 +76,7 @@ def test_sampling_folds_the_embedding_into_the_first_layer_and_follows_changed_w
                 torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
         assert "_folded" in m.__dict__  # the folded path ran
         # the step runs on weights laid out for oneDNN's linear where this PyTorch has it
-        assert ("_packed" in m.__dict__) == (_packed_linear(torch.float32) is not None)
+        assert (m.__dict__.get("_packed") is not None) == (_packed_linear(torch.float32) is not None)
         _, loss, _ = m.train()(idx, idx)
         opt.zero_grad()
         loss.backward()
@@ -120,7 +120,7 @@ def test_a_sampling_step_with_a_hook_gives_the_forward_pass_numbers_in_fp32_and_
             assert got.dtype == dtype
             tol = 1e-5 if dtype == torch.float32 else 0.05
             torch.testing.assert_close(got.float(), want[:, t], atol=tol, rtol=tol)
-    assert ("_packed" in low.__dict__) == (_packed_linear(dtype) is not None)
+    assert (low.__dict__.get("_packed") is not None) == (_packed_linear(dtype) is not None)
 
 
 def test_a_copy_of_a_model_that_sampled_leaves_its_sampling_caches_behind():
